@@ -1,0 +1,92 @@
+"""Stage `evaluate@<variant>`: the assignment's loss and accuracy on train and test, and more.
+
+    python -m resnet_cifar.evaluate <variant>
+
+Writes metrics/variants/<variant>/evaluate.json (train/test loss and accuracy, per-class test
+accuracy, top-5 accuracy when there are 100 classes) and confusion.csv (one row per test image,
+for DVC's confusion-matrix plot).
+"""
+
+import csv
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from resnet_cifar.params import load_params, variant_spec
+from resnet_cifar.prepare import load_prepared
+from resnet_cifar.stage import StageError, atomic_path, run
+from resnet_cifar.train import VARIANTS_DIR, model_path
+
+BATCH_SIZE = 1024
+
+
+def evaluate_path(variant: str) -> Path:
+    return VARIANTS_DIR / variant / "evaluate.json"
+
+
+def confusion_path(variant: str) -> Path:
+    return VARIANTS_DIR / variant / "confusion.csv"
+
+
+def load_trained(path: Path) -> keras.Model:
+    try:
+        return keras.models.load_model(path)
+    except (OSError, ValueError) as err:
+        raise StageError(f"{path}: cannot load the model ({err}); "
+                         f"rebuild it with `dvc repro -f train@{path.stem}`") from None
+
+
+def per_class_accuracy(true_ids: np.ndarray, predicted_ids: np.ndarray, classes: list[str]) -> dict:
+    return {name: round(float(np.mean(predicted_ids[true_ids == i] == i)), 4)
+            for i, name in enumerate(classes)}
+
+
+def top_k_accuracy(true_ids: np.ndarray, probabilities: np.ndarray, k: int) -> float:
+    top_k = np.argsort(probabilities, axis=1)[:, -k:]
+    return float(np.mean(np.any(top_k == true_ids[:, None], axis=1)))
+
+
+def evaluate(model: keras.Model, data: dict) -> tuple[dict, np.ndarray, np.ndarray]:
+    """The metrics, with the test set's true and predicted class ids."""
+    metrics = {}
+    for split in ("train", "test"):
+        # model.evaluate, as the assignment: its loss includes the L2 penalty of regularized variants.
+        loss, accuracy = model.evaluate(data[f"x_{split}"], data[f"y_{split}"],
+                                        batch_size=BATCH_SIZE, verbose=0)
+        metrics[split] = {"loss": round(loss, 4), "accuracy": round(accuracy, 4)}
+        print(f"{split}: loss {loss:.4f}, accuracy {accuracy:.4f}")
+    metrics["overfit_gap"] = round(metrics["train"]["accuracy"] - metrics["test"]["accuracy"], 4)
+
+    probabilities = model.predict(data["x_test"], batch_size=BATCH_SIZE, verbose=0)
+    true_ids = np.argmax(data["y_test"], axis=1)
+    predicted_ids = np.argmax(probabilities, axis=1)
+    metrics["test"]["per_class_accuracy"] = per_class_accuracy(true_ids, predicted_ids, data["classes"])
+    if len(data["classes"]) == 100:
+        metrics["test"]["top5_accuracy"] = round(top_k_accuracy(true_ids, probabilities, 5), 4)
+    return metrics, true_ids, predicted_ids
+
+
+def write_confusion(path: Path, true_ids: np.ndarray, predicted_ids: np.ndarray,
+                    classes: list[str]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["actual", "predicted"])
+        writer.writerows((classes[t], classes[p]) for t, p in zip(true_ids, predicted_ids))
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 1:
+        raise StageError("usage: python -m resnet_cifar.evaluate <variant>")
+    variant = variant_spec(load_params(), argv[0]).name  # validates the variant's params
+    data = load_prepared()
+    metrics, true_ids, predicted_ids = evaluate(load_trained(model_path(variant)), data)
+    with atomic_path(evaluate_path(variant)) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_confusion(confusion_path(variant), true_ids, predicted_ids, data["classes"])
+    print(f"wrote {evaluate_path(variant)} and {confusion_path(variant)}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,227 @@
+"""Stage `report`: every variant side by side, in metrics/report.md and its figures.
+
+The table, the best variant and the discussion are all computed from the variants' metrics:
+each variant is compared with the earlier variant it differs from least, so the text says what
+that difference (depth and width, dropout, L2, learning rate) did to accuracy and overfitting.
+"""
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from resnet_cifar.evaluate import evaluate_path  # noqa: E402
+from resnet_cifar.explore import save_figure  # noqa: E402
+from resnet_cifar.params import VariantSpec, load_params, variant_names, variant_spec  # noqa: E402
+from resnet_cifar.stage import StageError, atomic_path, run  # noqa: E402
+from resnet_cifar.train import live_dir  # noqa: E402
+
+REPORT_MD = Path("metrics/report.md")
+FIGURES_DIR = Path("metrics/report")
+COMPARED_FIELDS = ("widths", "learning_rate", "dropout", "l2", "optimizer", "epochs", "batch_size",
+                   "validation")
+NEGLIGIBLE = 0.005  # accuracy changes under half a point are noise between seeds
+
+
+@dataclass
+class Result:
+    """What one trained and evaluated variant measured."""
+
+    spec: VariantSpec
+    history: dict[str, np.ndarray]  # train/eval loss/accuracy per epoch
+    summary: dict  # DVCLive's summary: parameters, train_seconds, ...
+    evaluation: dict  # evaluate.json
+
+    @property
+    def test_accuracy(self) -> float:
+        return self.evaluation["test"]["accuracy"]
+
+    @property
+    def gap(self) -> float:
+        return self.evaluation["overfit_gap"]
+
+    @property
+    def best_epoch(self) -> int:
+        return int(np.argmax(self.history["eval/accuracy"])) + 1
+
+
+def read_history(variant: str) -> dict[str, np.ndarray]:
+    history = {}
+    for split in ("train", "eval"):
+        for metric in ("loss", "accuracy"):
+            path = live_dir(variant) / "plots" / "metrics" / split / f"{metric}.tsv"
+            with open(path, newline="") as tsv:
+                history[f"{split}/{metric}"] = np.array(
+                    [float(row[metric]) for row in csv.DictReader(tsv, delimiter="\t")])
+    return history
+
+
+def read_result(spec: VariantSpec) -> Result:
+    try:
+        return Result(
+            spec=spec,
+            history=read_history(spec.name),
+            summary=json.loads((live_dir(spec.name) / "metrics.json").read_text()),
+            evaluation=json.loads(evaluate_path(spec.name).read_text()),
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise StageError(f"variant {spec.name}: cannot read its metrics ({err}); "
+                         f"run `dvc repro evaluate@{spec.name}` first") from None
+
+
+def training_curves(result: Result) -> plt.Figure:
+    """The assignment's figure: loss and accuracy per epoch, train against validation."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = np.arange(1, len(result.history["train/loss"]) + 1)
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        ax.plot(epochs, result.history[f"train/{metric}"], label="train")
+        ax.plot(epochs, result.history[f"eval/{metric}"], label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{result.spec.name}: {metric}")
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def comparison(results: list[Result]) -> plt.Figure:
+    """Validation accuracy per epoch of every variant, and final train vs test accuracy."""
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for result in results:
+        curves.plot(np.arange(1, len(result.history["eval/accuracy"]) + 1),
+                    result.history["eval/accuracy"], label=result.spec.name)
+    curves.set_xlabel("epoch")
+    curves.set_ylabel("validation accuracy")
+    curves.legend()
+    positions = np.arange(len(results))
+    bars.bar(positions - 0.2, [r.evaluation["train"]["accuracy"] for r in results], 0.4, label="train")
+    bars.bar(positions + 0.2, [r.test_accuracy for r in results], 0.4, label="test")
+    bars.set_xticks(positions, [r.spec.name for r in results])
+    bars.set_ylabel("accuracy")
+    bars.set_title("final accuracy: the gap is overfitting")
+    bars.legend()
+    fig.tight_layout()
+    return fig
+
+
+def describe_change(field: str, before, after) -> str:
+    if field == "widths":
+        return f"widths {list(before)} -> {list(after)} ({len(before)} -> {len(after)} residual blocks)"
+    if field == "l2":
+        return f"L2 {_l2_text(before)} -> {_l2_text(after)}"
+    return f"{field.replace('_', ' ')} {before:g} -> {after:g}" if isinstance(before, float) \
+        else f"{field.replace('_', ' ')} {before} -> {after}"
+
+
+def _l2_text(factors: tuple[float, ...]) -> str:
+    if not any(factors):
+        return "none"
+    return f"{factors[0]:g}" if len(set(factors)) == 1 else "[" + ", ".join(f"{f:g}" for f in factors) + "]"
+
+
+def changed_fields(a: VariantSpec, b: VariantSpec) -> list[str]:
+    return [field for field in COMPARED_FIELDS if getattr(a, field) != getattr(b, field)]
+
+
+def _points(delta: float) -> str:
+    return f"{delta * 100:+.1f} points"
+
+
+def verdict(delta_accuracy: float, delta_gap: float) -> str:
+    if abs(delta_accuracy) < NEGLIGIBLE:
+        effect = "made no real difference to test accuracy"
+    else:
+        effect = "raised test accuracy" if delta_accuracy > 0 else "lowered test accuracy"
+    if abs(delta_gap) < NEGLIGIBLE:
+        return effect + " and left overfitting as it was"
+    return effect + (" and reduced overfitting" if delta_gap < 0 else " and increased overfitting")
+
+
+def discuss(results: list[Result]) -> list[str]:
+    """One paragraph per variant: what changed against its closest earlier variant, and the effect."""
+    paragraphs = []
+    for i, result in enumerate(results[1:], start=1):
+        reference = min(results[:i], key=lambda r: len(changed_fields(r.spec, result.spec)))
+        fields = changed_fields(reference.spec, result.spec)
+        if not fields:
+            changes = "the same settings"
+        else:
+            changes = "; ".join(describe_change(f, getattr(reference.spec, f), getattr(result.spec, f))
+                                for f in fields)
+        delta_accuracy = result.test_accuracy - reference.test_accuracy
+        delta_gap = result.gap - reference.gap
+        paragraphs.append(
+            f"**{result.spec.name} vs {reference.spec.name}** ({changes}): "
+            f"test accuracy {reference.test_accuracy:.4f} -> {result.test_accuracy:.4f} "
+            f"({_points(delta_accuracy)}), overfitting gap {reference.gap:.4f} -> {result.gap:.4f} "
+            f"({_points(delta_gap)}), parameters {reference.summary['parameters']:,} -> "
+            f"{result.summary['parameters']:,}. The change {verdict(delta_accuracy, delta_gap)}."
+        )
+    return paragraphs
+
+
+def overview(results: list[Result]) -> list[str]:
+    best = max(results, key=lambda r: r.test_accuracy)
+    most_overfit = max(results, key=lambda r: r.gap)
+    lines = [f"Best test accuracy: **{best.spec.name}** with {best.test_accuracy:.4f}."]
+    for r in results:
+        last = len(r.history["eval/accuracy"])
+        if r.best_epoch < last:
+            lines.append(
+                f"{r.spec.name}: validation accuracy peaked at {r.history['eval/accuracy'].max():.4f} in "
+                f"epoch {r.best_epoch} of {last}, while train accuracy kept rising to "
+                f"{r.history['train/accuracy'][-1]:.4f}.")
+    lines.append(f"Largest overfitting gap: {most_overfit.spec.name} "
+                 f"({_points(most_overfit.gap).lstrip('+')} between train and test accuracy).")
+    return lines
+
+
+def results_table(results: list[Result]) -> list[str]:
+    rows = ["| variant | widths | lr | dropout | L2 | parameters | train loss | train acc | "
+            "test loss | test acc | gap | epochs | best epoch | train time |",
+            "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        rows.append(
+            f"| {r.spec.name} | {list(r.spec.widths)} | {r.spec.learning_rate:g} | {r.spec.dropout:g} "
+            f"| {_l2_text(r.spec.l2)} | {r.summary['parameters']:,} "
+            f"| {r.evaluation['train']['loss']:.4f} | {r.evaluation['train']['accuracy']:.4f} "
+            f"| {r.evaluation['test']['loss']:.4f} | {r.test_accuracy:.4f} | {r.gap:.4f} "
+            f"| {len(r.history['train/loss'])} | {r.best_epoch} "
+            f"| {r.summary['train_seconds'] / 60:.1f} min |")
+    return rows
+
+
+def write_report(results: list[Result]) -> None:
+    for result in results:
+        save_figure(training_curves(result), FIGURES_DIR / f"curves_{result.spec.name}.png")
+    save_figure(comparison(results), FIGURES_DIR / "comparison.png")
+    figures = FIGURES_DIR.relative_to(REPORT_MD.parent)
+    lines = ["# Dense residual networks on CIFAR: variant comparison", "",
+             "Generated by `dvc repro report` from the metrics under `metrics/variants/`. "
+             "The gap is train accuracy minus test accuracy; the best epoch is the one with "
+             "the highest validation accuracy.", "",
+             *results_table(results), "", *overview(results), "",
+             f"![comparison]({figures}/comparison.png)", "", "## Discussion", ""]
+    for paragraph in discuss(results):
+        lines += [paragraph, ""]
+    lines += ["## Training curves", ""]
+    lines += [f"![{r.spec.name}]({figures}/curves_{r.spec.name}.png)" for r in results]
+    with atomic_path(REPORT_MD) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    print(f"wrote {REPORT_MD} and {FIGURES_DIR}/")
+
+
+def main(argv: list[str]) -> None:
+    params = load_params()
+    specs = [variant_spec(params, name) for name in variant_names(params)]
+    write_report([read_result(spec) for spec in specs])
+
+
+if __name__ == "__main__":
+    run(main)
