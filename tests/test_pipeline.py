@@ -1,0 +1,109 @@
+"""The whole pipeline, end to end, in a temporary git repo: dvc repro, dvc exp run -S,
+dvc metrics diff and the pull-request comment, on a small generated CIFAR-10 archive."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cifar_archives import make_archive
+
+PROJECT = Path(__file__).resolve().parents[1]
+TINY_PARAMS = {
+    "seed": 0,
+    "data": {"dataset": "cifar10", "label_mode": "fine"},
+    "train": {"epochs": 2, "batch_size": 16, "optimizer": "adam", "learning_rate": 0.003,
+              "validation": "test", "dropout": 0.0, "l2": 0.0},
+    "variants": {"small": {"widths": [16]},
+                 "deep": {"widths": [16, 8], "dropout": 0.1, "l2": [0.001, 0.01]}},
+}
+
+
+def sh(repo: Path, *args: str) -> str:
+    result = subprocess.run(args, cwd=repo, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A fresh project with tiny params, after `dvc repro` and a commit of its results."""
+    root = tmp_path_factory.mktemp("project")
+    for name in ("dvc.yaml", "src", ".github"):
+        source = PROJECT / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, root / name)
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    archive = make_archive(tmp_path_factory.mktemp("mirror"), "cifar-10-binary", n_train=100, n_test=50)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CIFAR_SOURCE", str(archive.path))
+        env.setenv("CIFAR_MEMBER_MD5S", str(archive.md5s_path))
+        env.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        sh(root, "git", "init", "-q", "-b", "main")
+        sh(root, "git", "config", "user.email", "test@example.com")
+        sh(root, "git", "config", "user.name", "test")
+        sh(root, "dvc", "init", "-q")
+        sh(root, "git", "add", "-A")
+        sh(root, "git", "commit", "-qm", "project")
+        sh(root, "dvc", "repro")
+        sh(root, "git", "add", "-A")
+        sh(root, "git", "commit", "-qm", "tiny run")
+        yield root
+
+
+def test_repro_writes_every_output(repo):
+    for variant in TINY_PARAMS["variants"]:
+        assert (repo / f"models/{variant}.keras").is_file()
+        evaluation = json.loads((repo / f"metrics/variants/{variant}/evaluate.json").read_text())
+        assert set(evaluation) == {"train", "test", "overfit_gap"}
+        assert 0 <= evaluation["test"]["accuracy"] <= 1
+        assert len(evaluation["test"]["per_class_accuracy"]) == 10
+        history = json.loads((repo / f"metrics/variants/{variant}/train/metrics.json").read_text())
+        assert history["step"] == TINY_PARAMS["train"]["epochs"] - 1
+        confusion = (repo / f"metrics/variants/{variant}/confusion.csv").read_text().splitlines()
+        assert confusion[0] == "actual,predicted" and len(confusion) == 1 + 50
+    report = (repo / "metrics/report.md").read_text()
+    assert "| small | [16] |" in report and "| deep | [16, 8] |" in report
+    assert "**deep vs small**" in report
+    for figure in ("comparison.png", "curves_small.png", "curves_deep.png"):
+        assert (repo / "metrics/report" / figure).stat().st_size > 1000
+    explore = json.loads((repo / "metrics/explore.json").read_text())
+    assert explore["images"] == {"train": 100, "test": 50}
+    assert "Data and pipelines are up to date" in sh(repo, "dvc", "status")
+    # Metrics and figures are committed to git; datasets and models are not.
+    tracked = sh(repo, "git", "ls-files").split()
+    assert "metrics/variants/small/evaluate.json" in tracked
+    assert not [path for path in tracked
+                if path.startswith(("data/", "models/")) and not path.endswith(".gitignore")]
+
+
+def test_a_variants_params_touch_only_its_own_stages(repo):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["variants"]["deep"]["dropout"] = 0.3
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        changed = set(json.loads(sh(repo, "dvc", "status", "--json")))
+    finally:
+        sh(repo, "git", "checkout", "params.yaml")
+    assert changed == {"train@deep", "report"}
+
+
+def test_exp_run_metrics_diff_and_pull_request_comment(repo):
+    sh(repo, "dvc", "exp", "run", "-S", "train.epochs=3")
+    diff = json.loads(sh(repo, "dvc", "metrics", "diff", "--json"))
+    step = diff["metrics/variants/small/train/metrics.json"]["step"]
+    assert (step["old"], step["new"]) == (1, 2)
+    assert "metrics/variants/deep/evaluate.json" in diff
+    assert "train.epochs" in sh(repo, "dvc", "exp", "show", "--csv")
+
+    sh(repo, "git", "checkout", "-qb", "three-epochs")
+    sh(repo, "git", "commit", "-qam", "three epochs")
+    comment = sh(repo, ".github/pr-comment.sh", "main")
+    assert "## Metrics: this branch vs `main`" in comment
+    assert re.search(r"\| metrics/variants/small/train/metrics.json +\| step +\| 1 +\| 2 ", comment)
+    assert re.search(r"\| params.yaml +\| train.epochs +\| 2 +\| 3 ", comment)
