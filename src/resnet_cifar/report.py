@@ -20,7 +20,7 @@ from resnet_cifar.evaluate import evaluate_path  # noqa: E402
 from resnet_cifar.explore import save_figure  # noqa: E402
 from resnet_cifar.params import VariantSpec, load_params, variant_names, variant_spec  # noqa: E402
 from resnet_cifar.stage import StageError, atomic_path, run  # noqa: E402
-from resnet_cifar.train import live_dir  # noqa: E402
+from resnet_cifar.train import live_dir, timing_path  # noqa: E402
 
 REPORT_MD = Path("metrics/report.md")
 FIGURES_DIR = Path("metrics/report")
@@ -35,7 +35,8 @@ class Result:
 
     spec: VariantSpec
     history: dict[str, np.ndarray]  # train/eval loss/accuracy per epoch
-    summary: dict  # DVCLive's summary: parameters, train_seconds, ...
+    summary: dict  # DVCLive's summary: final metrics, parameters
+    timing: dict  # train_seconds, seconds_per_epoch
     evaluation: dict  # evaluate.json
 
     @property
@@ -68,6 +69,7 @@ def read_result(spec: VariantSpec) -> Result:
             spec=spec,
             history=read_history(spec.name),
             summary=json.loads((live_dir(spec.name) / "metrics.json").read_text()),
+            timing=json.loads(timing_path(spec.name).read_text()),
             evaluation=json.loads(evaluate_path(spec.name).read_text()),
         )
     except (OSError, ValueError, KeyError) as err:
@@ -193,7 +195,7 @@ def results_table(results: list[Result]) -> list[str]:
             f"| {r.evaluation['train']['loss']:.4f} | {r.evaluation['train']['accuracy']:.4f} "
             f"| {r.evaluation['test']['loss']:.4f} | {r.test_accuracy:.4f} | {r.gap:.4f} "
             f"| {len(r.history['train/loss'])} | {r.best_epoch} "
-            f"| {r.summary['train_seconds'] / 60:.1f} min |")
+            f"| {r.timing['train_seconds'] / 60:.1f} min |")
     return rows
 
 

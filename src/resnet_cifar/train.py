@@ -6,6 +6,8 @@ Writes models/<variant>.keras, and under metrics/variants/<variant>/ the DVCLive
 (train/) and the model summary (summary.txt).
 """
 
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -31,6 +33,10 @@ def model_path(variant: str) -> Path:
 
 def live_dir(variant: str) -> Path:
     return VARIANTS_DIR / variant / "train"
+
+
+def timing_path(variant: str) -> Path:
+    return VARIANTS_DIR / variant / "train_time.json"
 
 
 def seed_everything(seed: int) -> None:
@@ -68,12 +74,18 @@ class EpochProgress(keras.callbacks.Callback):
               f"{self.epoch_seconds[-1]:.1f}s  ~{left / 60:.1f} min left", flush=True)
 
 
-def check_finite(history: keras.callbacks.History, variant: str) -> None:
-    """Refuse to save a model whose training diverged."""
-    for epoch, loss in enumerate(history.history["loss"], start=1):
+class StopOnDivergence(keras.callbacks.Callback):
+    """Stop with a clear error, and save nothing, once the training loss is NaN or infinite."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss", 0.0)
         if not np.isfinite(loss):
-            raise StageError(f"variant {variant}: training diverged (loss {loss}) at epoch {epoch}; "
-                             "lower its learning_rate in params.yaml")
+            raise StageError(f"variant {self.variant}: training diverged (loss {loss}) in epoch "
+                             f"{epoch + 1}; lower its learning_rate in params.yaml")
 
 
 def train(spec: VariantSpec, data: dict) -> None:
@@ -92,18 +104,25 @@ def train(spec: VariantSpec, data: dict) -> None:
     print("\n".join(summary_lines))
 
     progress = EpochProgress(spec.name, spec.epochs)
-    with Live(str(live_dir(spec.name)), dvcyaml=None, save_dvc_exp=False) as live:
-        started = time.perf_counter()
-        history = model.fit(x_fit, y_fit, batch_size=spec.batch_size, epochs=spec.epochs,
-                            validation_data=validation_data, verbose=0,
-                            callbacks=[DVCLiveCallback(live=live), progress])
-        check_finite(history, spec.name)
-        live.summary["train_seconds"] = round(time.perf_counter() - started, 1)
-        live.summary["seconds_per_epoch"] = round(float(np.median(progress.epoch_seconds)), 2)
-        live.summary["parameters"] = model.count_params()
+    started = time.perf_counter()
+    try:
+        with Live(str(live_dir(spec.name)), dvcyaml=None, save_dvc_exp=False) as live:
+            live.summary["parameters"] = model.count_params()
+            model.fit(x_fit, y_fit, batch_size=spec.batch_size, epochs=spec.epochs,
+                      validation_data=validation_data, verbose=0,
+                      callbacks=[StopOnDivergence(spec.name), DVCLiveCallback(live=live), progress])
+    except BaseException:
+        # A diverged or interrupted run must not leave a history that looks like a result.
+        shutil.rmtree(live_dir(spec.name), ignore_errors=True)
+        raise
+    timing = {"train_seconds": round(time.perf_counter() - started, 1),
+              "seconds_per_epoch": round(float(np.median(progress.epoch_seconds)), 2)}
 
     with atomic_path(model_path(spec.name)) as tmp:
         model.save(tmp)
+    # Wall times vary between runs, so they stay out of DVCLive's metrics.json.
+    with atomic_path(timing_path(spec.name)) as tmp:
+        tmp.write_text(json.dumps(timing, indent=2) + "\n")
     (VARIANTS_DIR / spec.name / "summary.txt").write_text("\n".join(summary_lines) + "\n")
     print(f"wrote {model_path(spec.name)} ({model.count_params():,} parameters)")
 
