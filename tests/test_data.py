@@ -15,30 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from cifar_archives import FORMATS, Archive, make_archive
+from conftest import tiny_params
 from resnet_cifar import data
 from resnet_cifar.params import ParamsError
 from resnet_cifar.stage import StageError
 
 REAL_ARCHIVE = Path(__file__).resolve().parents[2] / "shared/data/cifar-10-binary.tar.gz"
-PARAMS = """\
-seed: 42
-data:
-  dataset: {dataset}
-  label_mode: fine
-train:
-  epochs: 1
-  batch_size: 8
-  optimizer: adam
-  learning_rate: 0.001
-  validation: test
-  dropout: 0.0
-  l2: 0.0
-variants:
-  baseline:
-    widths: [16]
-"""
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +41,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def write_params(dataset: str) -> None:
-    Path("params.yaml").write_text(PARAMS.format(dataset=dataset))
+    Path("params.yaml").write_text(yaml.safe_dump(tiny_params(dataset)))
 
 
 def use(archive: Archive, monkeypatch: pytest.MonkeyPatch, source: str | None = None) -> None:

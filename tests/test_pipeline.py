@@ -13,16 +13,10 @@ import pytest
 import yaml
 
 from cifar_archives import make_archive
+from conftest import tiny_params
 
 PROJECT = Path(__file__).resolve().parents[1]
-TINY_PARAMS = {
-    "seed": 0,
-    "data": {"dataset": "cifar10", "label_mode": "fine"},
-    "train": {"epochs": 2, "batch_size": 16, "optimizer": "adam", "learning_rate": 0.003,
-              "validation": "test", "dropout": 0.0, "l2": 0.0},
-    "variants": {"small": {"widths": [16]},
-                 "deep": {"widths": [16, 8], "dropout": 0.1, "l2": [0.001, 0.01]}},
-}
+TINY_PARAMS = tiny_params()
 
 
 def sh(repo: Path, *args: str) -> str:

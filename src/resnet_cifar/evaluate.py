@@ -39,8 +39,9 @@ def load_trained(path: Path) -> keras.Model:
 
 
 def per_class_accuracy(true_ids: np.ndarray, predicted_ids: np.ndarray, classes: list[str]) -> dict:
-    return {name: round(float(np.mean(predicted_ids[true_ids == i] == i)), 4)
-            for i, name in enumerate(classes)}
+    """Accuracy on each class's test images (None for a class without any)."""
+    return {name: round(float(np.mean(predicted_ids[true_ids == i] == i)), 4) if np.any(true_ids == i)
+            else None for i, name in enumerate(classes)}
 
 
 def top_k_accuracy(true_ids: np.ndarray, probabilities: np.ndarray, k: int) -> float:

@@ -1,0 +1,150 @@
+"""prepare, explore, train and evaluate on small generated archives, in-process."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cifar_archives import FORMATS, make_archive
+from conftest import tiny_params
+from resnet_cifar import data, evaluate, explore, prepare, train
+from resnet_cifar.params import load_params, variant_spec
+from resnet_cifar.stage import StageError, atomic_path
+
+
+def setup_project(tmp_path: Path, monkeypatch, fmt: str, label_mode: str = "fine", n_train: int = 50,
+                  **train_overrides):
+    """cwd = a project with tiny params whose download stage has run on a generated archive."""
+    dataset = "cifar100" if fmt.startswith("cifar-100") else "cifar10"
+    (tmp_path / "mirror").mkdir()
+    archive = make_archive(tmp_path / "mirror", fmt, n_train=n_train)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CIFAR_SOURCE", str(archive.path))
+    monkeypatch.setenv("CIFAR_MEMBER_MD5S", str(archive.md5s_path))
+    params = tiny_params(dataset, label_mode)
+    params["train"].update(train_overrides)
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    data.main([])
+    return archive
+
+
+@pytest.mark.parametrize("fmt, label_mode", [(fmt, "fine") for fmt in FORMATS] + [("cifar-100-binary", "coarse")])
+def test_prepare_scales_pixels_and_one_hot_encodes(tmp_path, monkeypatch, capsys, fmt, label_mode):
+    archive = setup_project(tmp_path, monkeypatch, fmt, label_mode)
+    prepare.main([])
+    prepared = prepare.load_prepared()
+    coarse = label_mode == "coarse"
+    for split in ("train", "test"):
+        x, y = prepared[f"x_{split}"], prepared[f"y_{split}"]
+        assert x.dtype == np.float32 and y.dtype == np.float32
+        np.testing.assert_array_equal(x, getattr(archive, f"x_{split}").astype("float32") / 255)
+        labels = getattr(archive, f"y_{split}_coarse" if coarse else f"y_{split}")
+        assert y.shape == (len(labels), 20 if coarse else 100 if "100" in fmt else 10)
+        np.testing.assert_array_equal(y.sum(axis=1), 1)
+        np.testing.assert_array_equal(y.argmax(axis=1), labels)
+    assert prepared["classes"] == (archive.coarse_classes if coarse else archive.classes)
+    printed = capsys.readouterr().out
+    assert "x_train: (50, 32, 32, 3) float32, min 0.0, max 1.0" in printed
+    assert f"y_test: (10, {y.shape[1]}) one-hot" in printed
+
+
+@pytest.mark.parametrize("fmt", ["cifar-10-binary", "cifar-100-python"])
+def test_explore_writes_figures_and_numbers(tmp_path, monkeypatch, fmt):
+    archive = setup_project(tmp_path, monkeypatch, fmt)
+    explore.main([])
+    summary = json.loads(Path("metrics/explore.json").read_text())
+    assert summary["images"] == {"train": 50, "test": 10}
+    assert summary["classes"] == len(archive.classes)
+    assert sum(summary["class_counts"]["train"].values()) == 50
+    assert summary["pixel_min"] == archive.x_train.min() and summary["pixel_max"] == archive.x_train.max()
+    red = archive.x_train[..., 0] / 255
+    assert summary["channel_mean"]["red"] == pytest.approx(red.mean(), abs=1e-4)
+    assert summary["channel_std"]["red"] == pytest.approx(red.std(), abs=1e-4)
+    for name in ("first_16_images", "examples_per_class", "class_counts", "pixel_histograms"):
+        assert Path(f"metrics/explore/{name}.png").stat().st_size > 5000
+
+
+def test_validation_fraction_holds_out_part_of_train():
+    x = np.arange(100)[:, None]
+    prepared = {"x_train": x, "y_train": x, "x_test": x[:5], "y_test": x[:5]}
+    (x_fit, _), (x_val, _) = train.split_validation(prepared, 0.2, seed=0)
+    assert len(x_fit) == 80 and len(x_val) == 20
+    assert sorted(np.concatenate([x_fit, x_val]).ravel().tolist()) == list(range(100))
+    (_, _), (x_val_test, _) = train.split_validation(prepared, "test", seed=0)
+    assert len(x_val_test) == 5
+
+
+def test_train_and_evaluate_a_100_class_variant(tmp_path, monkeypatch):
+    setup_project(tmp_path, monkeypatch, "cifar-100-binary", n_train=200)
+    prepare.main([])
+    train.main(["small"])
+    assert train.model_path("small").is_file()
+    history = json.loads((train.live_dir("small") / "metrics.json").read_text())
+    assert history["step"] == 1 and history["parameters"] == 3072 * 16 + 16 + 2 * (16 * 16 + 16) + 16 * 100 + 100
+    assert set(json.loads(train.timing_path("small").read_text())) == {"train_seconds", "seconds_per_epoch"}
+    evaluate.main(["small"])
+    metrics = json.loads(evaluate.evaluate_path("small").read_text())
+    assert len(metrics["test"]["per_class_accuracy"]) == 100
+    assert metrics["test"]["top5_accuracy"] >= metrics["test"]["accuracy"]
+    assert metrics["overfit_gap"] == pytest.approx(metrics["train"]["accuracy"] - metrics["test"]["accuracy"], abs=1e-4)
+    assert len(evaluate.confusion_path("small").read_text().splitlines()) == 1 + 10
+
+
+def test_top_k_and_per_class_accuracy():
+    probabilities = np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])
+    true_ids = np.array([1, 2, 2])
+    assert evaluate.top_k_accuracy(true_ids, probabilities, 1) == pytest.approx(1 / 3)
+    assert evaluate.top_k_accuracy(true_ids, probabilities, 2) == pytest.approx(2 / 3)
+    per_class = evaluate.per_class_accuracy(true_ids, probabilities.argmax(axis=1), ["a", "b", "c"])
+    assert per_class == {"a": None, "b": 0.0, "c": 0.5}
+
+
+def test_diverging_training_stops_and_saves_nothing(tmp_path, monkeypatch):
+    setup_project(tmp_path, monkeypatch, "cifar-10-binary", optimizer="sgd", learning_rate=1e12)
+    prepare.main([])
+    with pytest.raises(StageError, match=r"variant small: training diverged \(loss nan\) in epoch 1"):
+        train.main(["small"])
+    assert not train.model_path("small").exists()
+    assert not train.live_dir("small").exists()
+    assert not train.timing_path("small").exists()
+
+
+def test_corrupt_inputs_name_the_file_and_the_fix(tmp_path, monkeypatch):
+    setup_project(tmp_path, monkeypatch, "cifar-10-binary")
+    prepare.main([])
+    x_train = prepare.PREPARED_DIR / "x_train.npy"
+    x_train.write_bytes(x_train.read_bytes()[:1000])
+    with pytest.raises(StageError, match=r"data/prepared: cannot read .*`dvc repro -f prepare`"):
+        train.main(["small"])
+    model = train.model_path("small")
+    model.parent.mkdir()
+    model.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(StageError, match=r"models/small.keras: cannot load the model .*`dvc repro -f train@small`"):
+        evaluate.load_trained(model)
+
+
+def test_atomic_path_leaves_nothing_when_the_writer_fails(tmp_path):
+    target = tmp_path / "out.json"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    stale = tmp_path / ".tmp-99999-out.json"
+    stale.write_text("left by a killed run")
+    with atomic_path(target) as tmp:
+        tmp.write_text("whole")
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"] and target.read_text() == "whole"
+
+
+def test_each_stage_validates_params_before_loading_data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = tiny_params()
+    params["variants"]["small"]["widths"] = [16, -1]
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    for stage in (train, evaluate):
+        with pytest.raises(StageError, match=r"variants.small.widths\[1\]: expected a positive integer"):
+            stage.main(["small"])
+    assert variant_spec(load_params(), "deep").widths == (16, 8)
