@@ -57,7 +57,9 @@ def test_explore_writes_figures_and_numbers(tmp_path, monkeypatch, fmt):
     summary = json.loads(Path("metrics/explore.json").read_text())
     assert summary["images"] == {"train": 50, "test": 10}
     assert summary["classes"] == len(archive.classes)
-    assert sum(summary["class_counts"]["train"].values()) == 50
+    train_counts = np.bincount(archive.y_train, minlength=len(archive.classes))
+    assert summary["class_count_min"]["train"] == train_counts.min()
+    assert summary["class_count_max"]["train"] == train_counts.max()
     assert summary["pixel_min"] == archive.x_train.min() and summary["pixel_max"] == archive.x_train.max()
     red = archive.x_train[..., 0] / 255
     assert summary["channel_mean"]["red"] == pytest.approx(red.mean(), abs=1e-4)
