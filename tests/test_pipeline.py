@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,42 @@ def test_a_variants_params_touch_only_its_own_stages(repo):
     finally:
         sh(repo, "git", "checkout", "params.yaml")
     assert changed == {"train@deep", "report"}
+
+
+def committed_metrics(repo: Path) -> dict[str, bytes]:
+    """Every committed file under metrics/ but the wall times, which differ from run to run."""
+    paths = sh(repo, "git", "ls-files", "metrics").split()
+    return {path: (repo / path).read_bytes() for path in paths if not path.endswith("train_time.json")
+            and not path.endswith(".png")}
+
+
+def test_a_fresh_clone_reproduces_the_committed_metrics_exactly(repo, tmp_path):
+    clone = tmp_path / "clone"
+    sh(repo, "git", "clone", "-q", "-b", "main", str(repo), str(clone))
+    sh(clone, "dvc", "repro")  # the clone has no DVC cache: every stage runs again
+    assert committed_metrics(clone) == committed_metrics(repo)
+
+
+def test_queued_experiments_run_in_parallel_with_separate_results(repo):
+    for rate in ("0.01", "0.001"):
+        sh(repo, "dvc", "exp", "run", "--queue", "-n", f"lr-{rate}", "-S", f"train.learning_rate={rate}")
+    sh(repo, "dvc", "queue", "start", "-j", "2")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and re.search(r"Queued|Running", sh(repo, "dvc", "queue", "status")):
+        time.sleep(2)
+    status = sh(repo, "dvc", "queue", "status")
+    assert status.count("Success") == 2, status
+    experiments = {}
+    for row in json.loads(sh(repo, "dvc", "exp", "show", "--json")):
+        for exp in row.get("experiments") or []:
+            run = exp["revs"][0]
+            experiments[run["name"]] = run["data"]
+    assert set(experiments) == {"lr-0.01", "lr-0.001"}
+    test_losses = set()
+    for name, run in experiments.items():
+        assert run["params"]["params.yaml"]["data"]["train"]["learning_rate"] == float(name[3:])
+        test_losses.add(run["metrics"]["metrics/variants/small/evaluate.json"]["data"]["test"]["loss"])
+    assert len(test_losses) == 2
 
 
 def test_exp_run_metrics_diff_and_pull_request_comment(repo):

@@ -1,6 +1,9 @@
 """prepare, explore, train and evaluate on small generated archives, in-process."""
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -118,13 +121,16 @@ def test_corrupt_inputs_name_the_file_and_the_fix(tmp_path, monkeypatch):
     prepare.main([])
     x_train = prepare.PREPARED_DIR / "x_train.npy"
     x_train.write_bytes(x_train.read_bytes()[:1000])
-    with pytest.raises(StageError, match=r"data/prepared: cannot read .*`dvc repro -f prepare`"):
+    with pytest.raises(StageError, match=r"data/prepared/x_train.npy: missing or corrupt .*`dvc repro -f prepare`"):
         train.main(["small"])
+    prepare.main([])
+    train.main(["small"])
     model = train.model_path("small")
-    model.parent.mkdir()
-    model.write_bytes(np.random.default_rng(0).bytes(4096))
-    with pytest.raises(StageError, match=r"models/small.keras: cannot load the model .*`dvc repro -f train@small`"):
-        evaluate.load_trained(model)
+    whole = model.read_bytes()
+    for corrupt in (whole[: len(whole) // 2], np.random.default_rng(0).bytes(4096)):
+        model.write_bytes(corrupt)
+        with pytest.raises(StageError, match=r"models/small.keras: cannot load the model .*`dvc repro -f train@small`"):
+            evaluate.main(["small"])
 
 
 def test_atomic_path_leaves_nothing_when_the_writer_fails(tmp_path):
@@ -150,3 +156,20 @@ def test_each_stage_validates_params_before_loading_data(tmp_path, monkeypatch):
         with pytest.raises(StageError, match=r"variants.small.widths\[1\]: expected a positive integer"):
             stage.main(["small"])
     assert variant_spec(load_params(), "deep").widths == (16, 8)
+
+
+def test_ctrl_c_during_training_leaves_no_output(tmp_path, monkeypatch):
+    setup_project(tmp_path, monkeypatch, "cifar-10-binary", epochs=10_000)
+    prepare.main([])
+    stage = subprocess.Popen([sys.executable, "-m", "resnet_cifar.train", "small"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in stage.stdout:
+        if "epoch 3/10000" in line:
+            break
+    stage.send_signal(signal.SIGINT)
+    output = stage.communicate(timeout=60)[0]
+    assert stage.returncode == 130, output
+    assert "interrupted: no output was written" in output
+    assert not train.model_path("small").exists()
+    assert not train.live_dir("small").exists()
+    assert not Path("models").exists() or not any(Path("models").iterdir())

@@ -9,6 +9,7 @@ for DVC's confusion-matrix plot).
 
 import csv
 import json
+import zipfile
 from pathlib import Path
 
 import keras
@@ -33,7 +34,7 @@ def confusion_path(variant: str) -> Path:
 def load_trained(path: Path) -> keras.Model:
     try:
         return keras.models.load_model(path)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
         raise StageError(f"{path}: cannot load the model ({err}); "
                          f"rebuild it with `dvc repro -f train@{path.stem}`") from None
 

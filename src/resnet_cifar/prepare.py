@@ -57,15 +57,14 @@ def write_prepared(raw: dict, label_mode: str, out_dir: Path = PREPARED_DIR) -> 
 
 def load_prepared(prepared_dir: Path = PREPARED_DIR) -> dict:
     """x_train, y_train, x_test, y_test and classes, as `prepare` wrote them."""
-    try:
-        prepared = {f"{kind}_{split}": np.load(prepared_dir / f"{kind}_{split}.npy")
-                    for kind in ("x", "y") for split in SPLITS}
-        prepared["classes"] = json.loads((prepared_dir / "classes.json").read_text())
-    except (OSError, ValueError, EOFError) as err:
-        raise StageError(
-            f"{prepared_dir}: cannot read the prepared data ({err}); "
-            "rebuild it with `dvc repro -f prepare`"
-        ) from None
+    prepared = {}
+    for name in [f"{kind}_{split}" for kind in ("x", "y") for split in SPLITS] + ["classes"]:
+        path = prepared_dir / (f"{name}.json" if name == "classes" else f"{name}.npy")
+        try:
+            prepared[name] = json.loads(path.read_text()) if name == "classes" else np.load(path)
+        except (OSError, ValueError, EOFError) as err:
+            raise StageError(f"{path}: missing or corrupt ({err}); "
+                             "rebuild it with `dvc repro -f prepare`") from None
     return prepared
 
 
