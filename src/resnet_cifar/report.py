@@ -131,6 +131,10 @@ def changed_fields(a: VariantSpec, b: VariantSpec) -> list[str]:
     return [field for field in COMPARED_FIELDS if getattr(a, field) != getattr(b, field)]
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
 def _points(delta: float) -> str:
     return f"{delta * 100:+.1f} points"
 
@@ -163,7 +167,8 @@ def discuss(results: list[Result]) -> list[str]:
             f"test accuracy {reference.test_accuracy:.4f} -> {result.test_accuracy:.4f} "
             f"({_points(delta_accuracy)}), overfitting gap {reference.gap:.4f} -> {result.gap:.4f} "
             f"({_points(delta_gap)}), parameters {reference.summary['parameters']:,} -> "
-            f"{result.summary['parameters']:,}. The change {verdict(delta_accuracy, delta_gap)}."
+            f"{result.summary['parameters']:,}. {'These changes' if len(fields) > 1 else 'The change'} "
+            f"{verdict(delta_accuracy, delta_gap)}."
         )
     return paragraphs
 
@@ -173,12 +178,12 @@ def overview(results: list[Result]) -> list[str]:
     most_overfit = max(results, key=lambda r: r.gap)
     lines = [f"Best test accuracy: **{best.spec.name}** with {best.test_accuracy:.4f}."]
     for r in results:
-        last = len(r.history["eval/accuracy"])
-        if r.best_epoch < last:
+        validation = r.history["eval/accuracy"]
+        if r.best_epoch < len(validation):
             lines.append(
-                f"{r.spec.name}: validation accuracy peaked at {r.history['eval/accuracy'].max():.4f} in "
-                f"epoch {r.best_epoch} of {last}, while train accuracy kept rising to "
-                f"{r.history['train/accuracy'][-1]:.4f}.")
+                f"{r.spec.name}: validation accuracy peaked at {validation.max():.4f} in epoch "
+                f"{r.best_epoch} of {len(validation)} and ended at {validation[-1]:.4f}, "
+                f"while train accuracy ended at {r.history['train/accuracy'][-1]:.4f}.")
     lines.append(f"Largest overfitting gap: {most_overfit.spec.name} "
                  f"({_points(most_overfit.gap).lstrip('+')} between train and test accuracy).")
     return lines
@@ -195,7 +200,7 @@ def results_table(results: list[Result]) -> list[str]:
             f"| {r.evaluation['train']['loss']:.4f} | {r.evaluation['train']['accuracy']:.4f} "
             f"| {r.evaluation['test']['loss']:.4f} | {r.test_accuracy:.4f} | {r.gap:.4f} "
             f"| {len(r.history['train/loss'])} | {r.best_epoch} "
-            f"| {r.timing['train_seconds'] / 60:.1f} min |")
+            f"| {_duration(r.timing['train_seconds'])} |")
     return rows
 
 
