@@ -19,7 +19,7 @@ import yaml
 
 from cifar_archives import FORMATS, Archive, make_archive
 from conftest import tiny_params
-from resnet_cifar import data
+from resnet_cifar import data, prepare
 from resnet_cifar.params import ParamsError
 from resnet_cifar.stage import StageError
 
@@ -343,7 +343,7 @@ def test_load_raw_rejects_an_npz_without_the_arrays(tmp_path: Path) -> None:
 # --- the real CIFAR-10 --------------------------------------------------------------------------
 
 @pytest.mark.skipif(not REAL_ARCHIVE.is_file(), reason=f"{REAL_ARCHIVE} not present")
-def test_real_cifar10_binary(monkeypatch, capsys) -> None:
+def test_real_cifar10_download_and_prepare(monkeypatch, capsys) -> None:
     monkeypatch.setenv("CIFAR_SOURCE", str(REAL_ARCHIVE.parent))
     data.main([])
     out, err = capsys.readouterr()
@@ -358,3 +358,12 @@ def test_real_cifar10_binary(monkeypatch, capsys) -> None:
     assert np.bincount(raw["y_train"]).tolist() == [5_000] * 10
     assert np.bincount(raw["y_test"]).tolist() == [1_000] * 10
     assert raw["classes"][0] == "airplane" and len(raw["classes"]) == 10
+
+    prepare.main([])
+    prepared = prepare.load_prepared()
+    assert prepared["x_train"].shape == (50_000, 32, 32, 3) and prepared["x_train"].dtype == np.float32
+    assert prepared["x_train"].min() == 0.0 and prepared["x_train"].max() == 1.0
+    assert prepared["x_test"][0, 0, 0, 0] == raw["x_test"][0, 0, 0, 0] / np.float32(255)
+    assert prepared["y_train"].shape == (50_000, 10) and prepared["y_test"].shape == (10_000, 10)
+    np.testing.assert_array_equal(prepared["y_train"].argmax(axis=1), raw["y_train"])
+    assert prepared["classes"][0] == "airplane"
