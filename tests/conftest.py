@@ -1,4 +1,10 @@
 import copy
+from pathlib import Path
+
+import yaml
+
+from cifar_archives import make_archive
+from resnet_cifar import data
 
 TINY_PARAMS = {
     "seed": 0,
@@ -15,3 +21,19 @@ def tiny_params(dataset: str = "cifar10", label_mode: str = "fine") -> dict:
     params = copy.deepcopy(TINY_PARAMS)
     params["data"] = {"dataset": dataset, "label_mode": label_mode}
     return params
+
+
+def setup_project(tmp_path: Path, monkeypatch, fmt: str, label_mode: str = "fine", n_train: int = 50,
+                  **train_overrides):
+    """cwd = a project with tiny params whose download stage has run on a generated archive."""
+    dataset = "cifar100" if fmt.startswith("cifar-100") else "cifar10"
+    (tmp_path / "mirror").mkdir()
+    archive = make_archive(tmp_path / "mirror", fmt, n_train=n_train)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CIFAR_SOURCE", str(archive.path))
+    monkeypatch.setenv("CIFAR_MEMBER_MD5S", str(archive.md5s_path))
+    params = tiny_params(dataset, label_mode)
+    params["train"].update(train_overrides)
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    data.main([])
+    return archive

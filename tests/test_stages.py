@@ -11,26 +11,10 @@ import pytest
 import yaml
 
 from cifar_archives import FORMATS, make_archive
-from conftest import tiny_params
-from resnet_cifar import data, evaluate, explore, prepare, train
+from conftest import setup_project, tiny_params
+from resnet_cifar import evaluate, explore, prepare, train
 from resnet_cifar.params import load_params, variant_spec
 from resnet_cifar.stage import StageError, atomic_path
-
-
-def setup_project(tmp_path: Path, monkeypatch, fmt: str, label_mode: str = "fine", n_train: int = 50,
-                  **train_overrides):
-    """cwd = a project with tiny params whose download stage has run on a generated archive."""
-    dataset = "cifar100" if fmt.startswith("cifar-100") else "cifar10"
-    (tmp_path / "mirror").mkdir()
-    archive = make_archive(tmp_path / "mirror", fmt, n_train=n_train)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CIFAR_SOURCE", str(archive.path))
-    monkeypatch.setenv("CIFAR_MEMBER_MD5S", str(archive.md5s_path))
-    params = tiny_params(dataset, label_mode)
-    params["train"].update(train_overrides)
-    Path("params.yaml").write_text(yaml.safe_dump(params))
-    data.main([])
-    return archive
 
 
 @pytest.mark.parametrize("fmt, label_mode", [(fmt, "fine") for fmt in FORMATS] + [("cifar-100-binary", "coarse")])

@@ -3,10 +3,17 @@
     python -m resnet_cifar.train <variant>
 
 Writes models/<variant>.keras, and under metrics/variants/<variant>/ the DVCLive history
-(train/) and the model summary (summary.txt).
+(train/), the wall times (train_time.json) and the model summary (summary.txt).
+
+Every epoch ends with a checkpoint in .dvc/tmp/checkpoints/<variant>/. A run that was killed
+resumes from it, and ends exactly as an uninterrupted run would: the batches of each epoch are
+shuffled by (seed, epoch) alone, and the checkpoint holds the optimizer and dropout RNG states.
 """
 
+import dataclasses
+import hashlib
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -16,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 from dvclive import Live
 from dvclive.keras import DVCLiveCallback
+from dvclive.utils import standardize_metric_name
 
 from resnet_cifar.models import build_model
 from resnet_cifar.params import VariantSpec, load_params, variant_spec
@@ -24,6 +32,7 @@ from resnet_cifar.stage import StageError, atomic_path, run
 
 MODELS_DIR = Path("models")
 VARIANTS_DIR = Path("metrics/variants")
+CHECKPOINTS_DIR = Path(".dvc/tmp/checkpoints")  # outside the stage's outputs, which DVC deletes
 OPTIMIZERS = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
 
 
@@ -37,6 +46,10 @@ def live_dir(variant: str) -> Path:
 
 def timing_path(variant: str) -> Path:
     return VARIANTS_DIR / variant / "train_time.json"
+
+
+def checkpoint_dir(variant: str) -> Path:
+    return CHECKPOINTS_DIR / variant
 
 
 def seed_everything(seed: int) -> None:
@@ -55,13 +68,88 @@ def split_validation(data: dict, validation: str | float, seed: int):
     return (data["x_train"][fit], data["y_train"][fit]), (data["x_train"][val], data["y_train"][val])
 
 
+def shuffled_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int,
+                     first_epoch: int, epochs: int) -> tf.data.Dataset:
+    """The batches of epochs first_epoch..epochs-1, each epoch's order set by (seed, epoch) alone,
+    so that a resumed run sees exactly the batches an uninterrupted one would."""
+    images, labels = tf.constant(x), tf.constant(y)
+
+    def epoch_order(epoch):
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(len(x)), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+
+    return (tf.data.Dataset.range(first_epoch, epochs)
+            .flat_map(epoch_order)
+            .map(lambda batch: (tf.gather(images, batch), tf.gather(labels, batch)))
+            .prefetch(tf.data.AUTOTUNE))
+
+
+def fingerprint(spec: VariantSpec, arrays: list[np.ndarray]) -> str:
+    """What a checkpoint was made from: the variant's params and the training data."""
+    digest = hashlib.blake2b(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode())
+    for array in arrays:
+        digest.update(str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
+
+
+def seed_states(model: keras.Model) -> list:
+    """The dropout layers' RNG states, which Keras does not save with the model."""
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
+
+
+@dataclasses.dataclass
+class TrainingState:
+    """Where training stands: what a checkpoint holds besides the model."""
+
+    fingerprint: str
+    history: list[dict] = dataclasses.field(default_factory=list)  # Keras's logs, one per epoch
+    epoch_seconds: list[float] = dataclasses.field(default_factory=list)
+
+
+class Checkpoint(keras.callbacks.Callback):
+    """After each epoch, save the model, optimizer, dropout RNG and history, atomically."""
+
+    def __init__(self, directory: Path, state: TrainingState):
+        super().__init__()
+        self.directory, self.state = directory, state
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.state.history.append({name: float(value) for name, value in (logs or {}).items()})
+        with atomic_path(self.directory) as tmp:
+            tmp.mkdir()
+            self.model.save(tmp / "model.keras")
+            np.save(tmp / "seed_states.npy", np.array([v.numpy() for v in seed_states(self.model)]))
+            (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(self.state)))
+
+
+def load_checkpoint(directory: Path, expected_fingerprint: str) -> tuple[keras.Model, TrainingState] | None:
+    """The model and state saved by an interrupted run of the same params and data, if any."""
+    if not (directory / "state.json").is_file():
+        return None
+    try:
+        state = TrainingState(**json.loads((directory / "state.json").read_text()))
+        if state.fingerprint != expected_fingerprint:
+            print(f"{directory}: made with other params or data; starting over")
+            shutil.rmtree(directory)
+            return None
+        model = keras.models.load_model(directory / "model.keras")
+        for variable, value in zip(seed_states(model), np.load(directory / "seed_states.npy")):
+            variable.assign(value)
+    except (OSError, ValueError, TypeError) as err:
+        print(f"{directory}: unreadable checkpoint ({err}); starting over")
+        shutil.rmtree(directory)
+        return None
+    return model, state
+
+
 class EpochProgress(keras.callbacks.Callback):
     """One line per epoch with the metrics, seconds per epoch and the time left."""
 
-    def __init__(self, variant: str, epochs: int):
+    def __init__(self, variant: str, epochs: int, epoch_seconds: list[float]):
         super().__init__()
-        self.variant, self.epochs = variant, epochs
-        self.epoch_seconds: list[float] = []
+        self.variant, self.epochs, self.epoch_seconds = variant, epochs, epoch_seconds
 
     def on_epoch_begin(self, epoch, logs=None):
         self.started = time.perf_counter()
@@ -88,42 +176,68 @@ class StopOnDivergence(keras.callbacks.Callback):
                              f"{epoch + 1}; lower its learning_rate in params.yaml")
 
 
-def train(spec: VariantSpec, data: dict) -> None:
-    """Fit the variant and write its model, summary and DVCLive history."""
-    seed_everything(spec.seed)
-    (x_fit, y_fit), validation_data = split_validation(data, spec.validation, spec.seed)
-    model = build_model(spec.widths, num_classes=y_fit.shape[1], input_shape=x_fit.shape[1:],
+def compiled_model(spec: VariantSpec, input_shape: tuple, num_classes: int) -> keras.Model:
+    model = build_model(spec.widths, num_classes=num_classes, input_shape=input_shape,
                         dropout=spec.dropout, l2=spec.l2, name=spec.name)
     model.compile(
         optimizer=OPTIMIZERS[spec.optimizer](learning_rate=spec.learning_rate),
         loss="categorical_crossentropy",
         metrics=["accuracy"],
     )
+    return model
+
+
+def replay(live: Live, history: list[dict]) -> None:
+    """Log the epochs done before an interruption again, as DVCLiveCallback logged them."""
+    for logs in history:
+        for name, value in logs.items():
+            live.log_metric(standardize_metric_name(name, "dvclive.keras"), value)
+        live.next_step()
+
+
+def train(spec: VariantSpec, data: dict) -> None:
+    """Fit the variant, resuming an interrupted run, and write its model, summary and history."""
+    seed_everything(spec.seed)
+    (x_fit, y_fit), validation_data = split_validation(data, spec.validation, spec.seed)
+    checkpoints = checkpoint_dir(spec.name)
+    expected = fingerprint(spec, [x_fit, y_fit, *validation_data])
+    resumed = load_checkpoint(checkpoints, expected)
+    if resumed:
+        model, state = resumed
+        print(f"[{spec.name}] resuming after epoch {len(state.history)} from {checkpoints}/")
+    else:
+        model, state = compiled_model(spec, x_fit.shape[1:], y_fit.shape[1]), TrainingState(expected)
     summary_lines: list[str] = []
     model.summary(print_fn=lambda line, **_: summary_lines.append(line))
     print("\n".join(summary_lines))
 
-    progress = EpochProgress(spec.name, spec.epochs)
-    started = time.perf_counter()
+    first_epoch = len(state.history)
     try:
         with Live(str(live_dir(spec.name)), dvcyaml=None, save_dvc_exp=False) as live:
             live.summary["parameters"] = model.count_params()
-            model.fit(x_fit, y_fit, batch_size=spec.batch_size, epochs=spec.epochs,
+            replay(live, state.history)
+            model.fit(shuffled_batches(x_fit, y_fit, spec.batch_size, spec.seed, first_epoch, spec.epochs),
+                      steps_per_epoch=math.ceil(len(x_fit) / spec.batch_size),
+                      epochs=spec.epochs, initial_epoch=first_epoch,
                       validation_data=validation_data, verbose=0,
-                      callbacks=[StopOnDivergence(spec.name), DVCLiveCallback(live=live), progress])
+                      callbacks=[StopOnDivergence(spec.name), DVCLiveCallback(live=live),
+                                 EpochProgress(spec.name, spec.epochs, state.epoch_seconds),
+                                 Checkpoint(checkpoints, state)])
     except BaseException:
-        # A diverged or interrupted run must not leave a history that looks like a result.
+        # A diverged or interrupted run must not leave a history that looks like a result;
+        # its checkpoint stays for the next run to resume from.
         shutil.rmtree(live_dir(spec.name), ignore_errors=True)
         raise
-    timing = {"train_seconds": round(time.perf_counter() - started, 1),
-              "seconds_per_epoch": round(float(np.median(progress.epoch_seconds)), 2)}
 
     with atomic_path(model_path(spec.name)) as tmp:
         model.save(tmp)
     # Wall times vary between runs, so they stay out of DVCLive's metrics.json.
+    timing = {"train_seconds": round(sum(state.epoch_seconds), 1),
+              "seconds_per_epoch": round(float(np.median(state.epoch_seconds)), 2)}
     with atomic_path(timing_path(spec.name)) as tmp:
         tmp.write_text(json.dumps(timing, indent=2) + "\n")
     (VARIANTS_DIR / spec.name / "summary.txt").write_text("\n".join(summary_lines) + "\n")
+    shutil.rmtree(checkpoints)
     print(f"wrote {model_path(spec.name)} ({model.count_params():,} parameters)")
 
 

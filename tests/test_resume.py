@@ -1,0 +1,87 @@
+"""A training stage killed mid-run resumes from its last checkpoint and ends exactly as an
+uninterrupted run does."""
+
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import yaml
+
+from conftest import setup_project
+from resnet_cifar import prepare, train
+
+EPOCHS = 6
+
+
+def start_training(variant: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "resnet_cifar.train", variant],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def outputs(project: Path, variant: str) -> dict[str, bytes]:
+    """The DVCLive history files of a finished run."""
+    live = project / train.live_dir(variant)
+    return {str(p.relative_to(live)): p.read_bytes() for p in sorted(live.rglob("*")) if p.is_file()}
+
+
+def weights(project: Path, variant: str) -> list[np.ndarray]:
+    return keras.models.load_model(project / train.model_path(variant)).get_weights()
+
+
+def test_killed_training_resumes_and_ends_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    runs = {}
+    for name in ("uninterrupted", "killed"):
+        project = tmp_path / name
+        project.mkdir()
+        setup_project(project, monkeypatch, "cifar-10-binary", n_train=1500, epochs=EPOCHS)
+        prepare.main([])
+        runs[name] = project
+    # Reference: the variant with dropout, so the dropout RNG state must survive the restart too.
+    monkeypatch.chdir(runs["uninterrupted"])
+    assert start_training("deep").wait(timeout=300) == 0
+
+    monkeypatch.chdir(runs["killed"])
+    stage = start_training("deep")
+    for line in stage.stdout:
+        if line.startswith(f"[deep] epoch 3/{EPOCHS}"):
+            break
+    stage.send_signal(signal.SIGKILL)  # while epoch 3 is being saved, or in epoch 4
+    stage.wait(timeout=60)
+    assert (train.checkpoint_dir("deep") / "state.json").is_file()
+
+    resumed = subprocess.run([sys.executable, "-m", "resnet_cifar.train", "deep"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    resumed_after = re.search(r"\[deep\] resuming after epoch (\d) from .dvc/tmp/checkpoints/deep/", resumed.stdout)
+    assert resumed_after and 2 <= int(resumed_after[1]) <= 4, resumed.stdout[:300]
+    assert f"[deep] epoch 1/{EPOCHS}" not in resumed.stdout
+    assert not train.checkpoint_dir("deep").exists()  # removed once the stage completes
+
+    assert outputs(runs["killed"], "deep") == outputs(runs["uninterrupted"], "deep")
+    for killed, reference in zip(weights(runs["killed"], "deep"), weights(runs["uninterrupted"], "deep")):
+        np.testing.assert_array_equal(killed, reference)
+
+
+def test_a_checkpoint_of_other_params_is_not_resumed(tmp_path, monkeypatch):
+    setup_project(tmp_path, monkeypatch, "cifar-10-binary", n_train=1500, epochs=EPOCHS)
+    prepare.main([])
+    stage = start_training("small")
+    for line in stage.stdout:
+        if line.startswith(f"[small] epoch 2/{EPOCHS}"):
+            break
+    stage.send_signal(signal.SIGKILL)
+    stage.wait(timeout=60)
+    assert train.checkpoint_dir("small").is_dir()
+
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["variants"]["small"]["learning_rate"] = 0.001
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    rerun = subprocess.run([sys.executable, "-m", "resnet_cifar.train", "small"],
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "made with other params or data; starting over" in rerun.stdout
+    assert f"[small] epoch 1/{EPOCHS}" in rerun.stdout and "resuming" not in rerun.stdout
