@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -138,3 +139,27 @@ def test_exp_run_metrics_diff_and_pull_request_comment(repo):
     assert "## Metrics: this branch vs `main`" in comment
     assert re.search(r"\| metrics/variants/small/train/metrics.json +\| step +\| 1 +\| 2 ", comment)
     assert re.search(r"\| params.yaml +\| train.epochs +\| 2 +\| 3 ", comment)
+
+
+def test_dvc_repro_resumes_a_killed_training_stage(repo):
+    """Last in this module: it leaves the workspace with other params than HEAD."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["variants"]["small"]["epochs"] = 300
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    killed = subprocess.Popen(["dvc", "repro", "train@small"], cwd=repo, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    for line in killed.stdout:
+        if line.startswith("[small] epoch 5/300"):
+            break
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=60)
+
+    resumed = sh(repo, "dvc", "repro", "train@small")
+    resumed_after = re.search(r"\[small\] resuming after epoch (\d+) from .dvc/tmp/checkpoints/small/", resumed)
+    assert resumed_after and int(resumed_after[1]) >= 3, resumed[:3000]
+    assert "[small] epoch 1/300" not in resumed
+    history = json.loads((repo / "metrics/variants/small/train/metrics.json").read_text())
+    assert history["step"] == 299
+    rows = (repo / "metrics/variants/small/train/plots/metrics/eval/accuracy.tsv").read_text().splitlines()
+    assert [row.split("\t")[0] for row in rows[1:]] == [str(step) for step in range(300)]
+    assert not (repo / ".dvc/tmp/checkpoints/small").exists()

@@ -23,9 +23,10 @@ def start_training(variant: str) -> subprocess.Popen:
 
 
 def outputs(project: Path, variant: str) -> dict[str, bytes]:
-    """The DVCLive history files of a finished run."""
-    live = project / train.live_dir(variant)
-    return {str(p.relative_to(live)): p.read_bytes() for p in sorted(live.rglob("*")) if p.is_file()}
+    """The DVCLive history and the model summary of a finished run."""
+    variant_dir = project / train.VARIANTS_DIR / variant
+    return {str(p.relative_to(variant_dir)): p.read_bytes() for p in sorted(variant_dir.rglob("*"))
+            if p.is_file() and p.name != "train_time.json"}
 
 
 def weights(project: Path, variant: str) -> list[np.ndarray]:

@@ -201,15 +201,16 @@ def train(spec: VariantSpec, data: dict) -> None:
     (x_fit, y_fit), validation_data = split_validation(data, spec.validation, spec.seed)
     checkpoints = checkpoint_dir(spec.name)
     expected = fingerprint(spec, [x_fit, y_fit, *validation_data])
+    model = compiled_model(spec, x_fit.shape[1:], y_fit.shape[1])
+    # Summarized before any training, so that a resumed run's summary is the same.
+    summary_lines: list[str] = []
+    model.summary(print_fn=lambda line, **_: summary_lines.append(line))
+    print("\n".join(summary_lines))
+    state = TrainingState(expected)
     resumed = load_checkpoint(checkpoints, expected)
     if resumed:
         model, state = resumed
         print(f"[{spec.name}] resuming after epoch {len(state.history)} from {checkpoints}/")
-    else:
-        model, state = compiled_model(spec, x_fit.shape[1:], y_fit.shape[1]), TrainingState(expected)
-    summary_lines: list[str] = []
-    model.summary(print_fn=lambda line, **_: summary_lines.append(line))
-    print("\n".join(summary_lines))
 
     first_epoch = len(state.history)
     try:
