@@ -14,7 +14,7 @@ from cifar_archives import FORMATS, make_archive
 from conftest import setup_project, tiny_params
 from resnet_cifar import evaluate, explore, prepare, train
 from resnet_cifar.params import load_params, variant_spec
-from resnet_cifar.stage import StageError, atomic_path
+from resnet_cifar.stage import StageError, all_or_nothing, atomic_path
 
 
 @pytest.mark.parametrize("fmt, label_mode", [(fmt, "fine") for fmt in FORMATS] + [("cifar-100-binary", "coarse")])
@@ -157,3 +157,31 @@ def test_ctrl_c_during_training_leaves_no_output(tmp_path, monkeypatch):
     assert not train.model_path("small").exists()
     assert not train.live_dir("small").exists()
     assert not Path("models").exists() or not any(Path("models").iterdir())
+
+
+def test_all_or_nothing_removes_every_output_of_an_interrupted_stage(tmp_path):
+    figures, summary = tmp_path / "figures", tmp_path / "summary.json"
+    with pytest.raises(KeyboardInterrupt):
+        with all_or_nothing(figures, summary):
+            figures.mkdir()
+            (figures / "a.png").write_bytes(b"png")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with all_or_nothing(figures, summary):
+        summary.write_text("{}")
+    assert summary.read_text() == "{}"
+
+
+def test_ctrl_c_during_evaluation_leaves_no_output(tmp_path, monkeypatch):
+    setup_project(tmp_path, monkeypatch, "cifar-10-binary")
+    prepare.main([])
+    train.main(["small"])
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "write_confusion", interrupted)  # after evaluate.json is written
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main(["small"])
+    assert not evaluate.evaluate_path("small").exists()
+    assert not evaluate.confusion_path("small").exists()

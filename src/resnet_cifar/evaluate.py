@@ -17,7 +17,7 @@ import numpy as np
 
 from resnet_cifar.params import load_params, variant_spec
 from resnet_cifar.prepare import load_prepared
-from resnet_cifar.stage import StageError, atomic_path, run
+from resnet_cifar.stage import StageError, all_or_nothing, atomic_path, run
 from resnet_cifar.train import VARIANTS_DIR, model_path
 
 BATCH_SIZE = 1024
@@ -84,9 +84,10 @@ def main(argv: list[str]) -> None:
     variant = variant_spec(load_params(), argv[0]).name  # validates the variant's params
     data = load_prepared()
     metrics, true_ids, predicted_ids = evaluate(load_trained(model_path(variant)), data)
-    with atomic_path(evaluate_path(variant)) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    write_confusion(confusion_path(variant), true_ids, predicted_ids, data["classes"])
+    with all_or_nothing(evaluate_path(variant), confusion_path(variant)):
+        with atomic_path(evaluate_path(variant)) as tmp:
+            tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        write_confusion(confusion_path(variant), true_ids, predicted_ids, data["classes"])
     print(f"wrote {evaluate_path(variant)} and {confusion_path(variant)}")
 
 

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from resnet_cifar.data import load_raw, raw_path  # noqa: E402
 from resnet_cifar.params import data_params, load_params  # noqa: E402
 from resnet_cifar.prepare import SPLITS, labels_and_classes  # noqa: E402
-from resnet_cifar.stage import atomic_path, run  # noqa: E402
+from resnet_cifar.stage import all_or_nothing, atomic_path, run  # noqa: E402
 
 EXPLORE_JSON = Path("metrics/explore.json")
 PLOTS_DIR = Path("metrics/explore")
@@ -124,9 +124,11 @@ def explore(raw: dict, label_mode: str) -> dict:
 
 def main(argv: list[str]) -> None:
     params = data_params(load_params())
-    summary = explore(load_raw(raw_path(params.dataset)), params.label_mode)
-    with atomic_path(EXPLORE_JSON) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    raw = load_raw(raw_path(params.dataset))
+    with all_or_nothing(PLOTS_DIR, EXPLORE_JSON):
+        summary = explore(raw, params.label_mode)
+        with atomic_path(EXPLORE_JSON) as tmp:
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{summary['images']['train']:,} train and {summary['images']['test']:,} test images "
           f"of shape {summary['image_shape']}, {summary['classes']} classes, pixels in "
           f"[{summary['pixel_min']}, {summary['pixel_max']}]; wrote {EXPLORE_JSON} and {PLOTS_DIR}/")

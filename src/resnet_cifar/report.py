@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 from resnet_cifar.evaluate import evaluate_path  # noqa: E402
 from resnet_cifar.explore import save_figure  # noqa: E402
 from resnet_cifar.params import VariantSpec, load_params, variant_names, variant_spec  # noqa: E402
-from resnet_cifar.stage import StageError, atomic_path, run  # noqa: E402
+from resnet_cifar.stage import StageError, all_or_nothing, atomic_path, run  # noqa: E402
 from resnet_cifar.train import live_dir, timing_path  # noqa: E402
 
 REPORT_MD = Path("metrics/report.md")
@@ -227,7 +227,9 @@ def write_report(results: list[Result]) -> None:
 def main(argv: list[str]) -> None:
     params = load_params()
     specs = [variant_spec(params, name) for name in variant_names(params)]
-    write_report([read_result(spec) for spec in specs])
+    results = [read_result(spec) for spec in specs]
+    with all_or_nothing(FIGURES_DIR, REPORT_MD):
+        write_report(results)
 
 
 if __name__ == "__main__":

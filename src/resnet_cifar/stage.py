@@ -34,6 +34,18 @@ def atomic_path(path: Path) -> Iterator[Path]:
         _remove(tmp)
 
 
+@contextmanager
+def all_or_nothing(*outputs: Path) -> Iterator[None]:
+    """Remove a stage's `outputs` if the block fails or is interrupted (Ctrl-C), so that the
+    stage leaves all of its outputs or none of them."""
+    try:
+        yield
+    except BaseException:
+        for output in outputs:
+            _remove(Path(output))
+        raise
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
