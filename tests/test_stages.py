@@ -185,3 +185,14 @@ def test_ctrl_c_during_evaluation_leaves_no_output(tmp_path, monkeypatch):
         evaluate.main(["small"])
     assert not evaluate.evaluate_path("small").exists()
     assert not evaluate.confusion_path("small").exists()
+
+
+def test_report_compares_each_variant_with_its_closest_predecessor():
+    from resnet_cifar.report import changed_fields, verdict
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    baseline, deeper, dropout, l2 = (variant_spec(params, name) for name in ("baseline", "deeper", "dropout", "l2"))
+    assert changed_fields(baseline, deeper) == ["widths", "learning_rate"]
+    assert changed_fields(deeper, dropout) == ["dropout"]
+    assert changed_fields(deeper, l2) == ["l2"]
+    assert verdict(0.02, -0.1) == "raised test accuracy and reduced overfitting"
+    assert verdict(-0.001, 0.05) == "made no real difference to test accuracy and increased overfitting"

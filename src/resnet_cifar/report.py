@@ -128,7 +128,14 @@ def _l2_text(factors: tuple[float, ...]) -> str:
 
 
 def changed_fields(a: VariantSpec, b: VariantSpec) -> list[str]:
-    return [field for field in COMPARED_FIELDS if getattr(a, field) != getattr(b, field)]
+    # L2 factors come one per width: no L2 on 2 widths is the same setting as none on 4.
+    return [field for field in COMPARED_FIELDS if (_l2_text(a.l2) != _l2_text(b.l2) if field == "l2"
+                                                   else getattr(a, field) != getattr(b, field))]
+
+
+def _parameters_change(reference: Result, result: Result) -> str:
+    before, after = reference.summary["parameters"], result.summary["parameters"]
+    return f", parameters {before:,} -> {after:,}" if before != after else ""
 
 
 def _duration(seconds: float) -> str:
@@ -166,8 +173,8 @@ def discuss(results: list[Result]) -> list[str]:
             f"**{result.spec.name} vs {reference.spec.name}** ({changes}): "
             f"test accuracy {reference.test_accuracy:.4f} -> {result.test_accuracy:.4f} "
             f"({_points(delta_accuracy)}), overfitting gap {reference.gap:.4f} -> {result.gap:.4f} "
-            f"({_points(delta_gap)}), parameters {reference.summary['parameters']:,} -> "
-            f"{result.summary['parameters']:,}. {'These changes' if len(fields) > 1 else 'The change'} "
+            f"({_points(delta_gap)}){_parameters_change(reference, result)}. "
+            f"{'These changes' if len(fields) > 1 else 'The change'} "
             f"{verdict(delta_accuracy, delta_gap)}."
         )
     return paragraphs
