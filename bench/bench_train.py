@@ -1,17 +1,22 @@
-"""Seconds per training epoch of the assignment's baseline model, two code paths side by side.
+"""Seconds per training epoch of the assignment's baseline model, code paths side by side.
 
-    python bench/bench_train.py [--epochs 5]
+    python bench/bench_train.py [--epochs 5] [--levers]
 
 (a) the assignment's own path: the functional model fed float32 numpy arrays, `model.fit` defaults;
-(b) the `train` stage's path: `train.compiled_model` fed by `train.shuffled_batches`.
-Both train the baseline (985,482 parameters, batch 256) on data/prepared/ when it exists (run
+(b) the `train` stage's path: `train.compiled_model` fed by `train.shuffled_batches`, at the
+    precision params.yaml's `auto` resolves to here.
+With --levers, (b) again with one lever at a time taken back or added: float32 instead of
+bfloat16, one step per call instead of one epoch per call, XLA compilation.
+All train the baseline (985,482 parameters, batch 256) on data/prepared/ when it exists (run
 `dvc repro prepare` first), else on random data of CIFAR-10's shape. Prints the median seconds
-per epoch after the first (which includes tracing), the ratio, the achieved GFLOP/s (6 x
-parameters x images per epoch) and, as the ceiling, the measured peak of a large matmul in
-float32 and bfloat16 on this machine. Run it on an otherwise idle machine.
+per epoch after the first (which includes tracing), the speed-up over (a), the achieved GFLOP/s
+(6 x parameters x images per epoch) and, as the ceiling, the measured peak of a large matmul in
+float32 and bfloat16 on this machine with the epoch time it would allow. Run it on an otherwise
+idle machine.
 """
 
 import argparse
+import dataclasses
 import math
 import time
 
@@ -21,11 +26,8 @@ import tensorflow as tf
 
 from resnet_cifar import train
 from resnet_cifar.models import build_model
-from resnet_cifar.params import VariantSpec
+from resnet_cifar.params import VariantSpec, load_params, variant_spec
 from resnet_cifar.prepare import PREPARED_DIR, load_prepared
-
-BASELINE = VariantSpec(name="baseline", seed=0, widths=(256, 128), dropout=0.0, l2=(0.0, 0.0),
-                       epochs=1, batch_size=256, optimizer="adam", learning_rate=1e-4, validation="test")
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -50,21 +52,28 @@ def training_data() -> tuple[np.ndarray, np.ndarray, str]:
     return x, y, "random data of CIFAR-10's shape"
 
 
-def assignment_path(x: np.ndarray, y: np.ndarray, epochs: int) -> list[float]:
-    model = build_model(BASELINE.widths, num_classes=10)
+def assignment_path(x: np.ndarray, y: np.ndarray, spec: VariantSpec) -> list[float]:
+    keras.mixed_precision.set_global_policy("float32")
+    model = build_model(spec.widths, num_classes=10)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-4),
                   loss="categorical_crossentropy", metrics=["accuracy"])
     timer = EpochTimer()
-    model.fit(x, y, batch_size=256, epochs=epochs, verbose=0, callbacks=[timer])
+    model.fit(x, y, batch_size=256, epochs=spec.epochs, verbose=0, callbacks=[timer])
     return timer.seconds
 
 
-def train_stage_path(x: np.ndarray, y: np.ndarray, epochs: int) -> list[float]:
-    model = train.compiled_model(BASELINE, x.shape[1:], y.shape[1])
+def train_stage_path(x: np.ndarray, y: np.ndarray, spec: VariantSpec, steps_per_call: int | None = None,
+                     xla: bool = False) -> list[float]:
+    """Epoch times of the train stage's model and input pipeline; steps_per_call and xla recompile
+    it to measure those levers."""
+    steps_per_epoch = math.ceil(len(x) / spec.batch_size)
+    model = train.compiled_model(spec, x.shape[1:], y.shape[1], steps_per_epoch)
+    if steps_per_call or xla:
+        model.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"], jit_compile=xla,
+                      steps_per_execution=steps_per_call or steps_per_epoch)
     timer = EpochTimer()
-    model.fit(train.shuffled_batches(x, y, BASELINE.batch_size, BASELINE.seed, 0, epochs),
-              steps_per_epoch=math.ceil(len(x) / BASELINE.batch_size), epochs=epochs, verbose=0,
-              callbacks=[timer])
+    model.fit(train.shuffled_batches(x, y, spec, first_epoch=0), steps_per_epoch=steps_per_epoch,
+              epochs=spec.epochs, shuffle=False, verbose=0, callbacks=[timer])
     return timer.seconds
 
 
@@ -82,22 +91,34 @@ def matmul_gflops(dtype: tf.DType, n: int = 4096, repeats: int = 10) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=5, help="epochs per path (the first is not counted)")
-    epochs = parser.parse_args().epochs
+    parser.add_argument("--levers", action="store_true", help="also time (b) with each lever changed")
+    args = parser.parse_args()
+    baseline = variant_spec(load_params(), "baseline")
+    stage_spec = dataclasses.replace(baseline, epochs=args.epochs,
+                                     precision=train.resolve_precision(baseline.precision))
     x, y, source = training_data()
-    flops_per_epoch = 6 * build_model(BASELINE.widths, num_classes=10).count_params() * len(x)
-    print(f"baseline model, batch 256, {len(x):,} images from {source}, {epochs} epochs per path")
+    flops_per_epoch = 6 * build_model(baseline.widths, num_classes=10).count_params() * len(x)
+    print(f"baseline model, batch {baseline.batch_size}, {len(x):,} images from {source}, "
+          f"{args.epochs} epochs per path")
 
+    paths = {"(a) assignment: numpy float32, model.fit defaults": lambda: assignment_path(x, y, stage_spec),
+             f"(b) train stage: {stage_spec.precision}, one epoch per call": lambda: train_stage_path(x, y, stage_spec)}
+    if args.levers:
+        float32_spec = dataclasses.replace(stage_spec, precision="float32")
+        paths |= {"(b) in float32": lambda: train_stage_path(x, y, float32_spec),
+                  "(b) with one step per call": lambda: train_stage_path(x, y, stage_spec, steps_per_call=1),
+                  "(b) with XLA": lambda: train_stage_path(x, y, stage_spec, xla=True)}
     medians = {}
-    for label, path in (("(a) assignment: numpy float32, model.fit defaults", assignment_path),
-                        ("(b) train stage: shuffled_batches", train_stage_path)):
-        seconds = path(x, y, epochs)
+    for label, path in paths.items():
+        seconds = path()
         medians[label] = float(np.median(seconds[1:]))
-        print(f"{label}: {medians[label]:.2f} s/epoch, {flops_per_epoch / medians[label] / 1e9:.0f} GFLOP/s "
+        print(f"{label}: {medians[label]:.2f} s/epoch, {flops_per_epoch / medians[label] / 1e9:.0f} GFLOP/s, "
+              f"{next(iter(medians.values())) / medians[label]:.2f}x (a) "
               f"(epochs: {', '.join(f'{s:.2f}' for s in seconds)})")
-    (a, b) = medians.values()
-    print(f"speed-up of (b) over (a): {a / b:.2f}x")
     for dtype in (tf.float32, tf.bfloat16):
-        print(f"peak matmul 4096x4096 {dtype.name}: {matmul_gflops(dtype):.0f} GFLOP/s")
+        peak = matmul_gflops(dtype)
+        print(f"peak matmul 4096x4096 {dtype.name}: {peak:.0f} GFLOP/s, "
+              f"{flops_per_epoch / peak / 1e9:.2f} s/epoch at that rate")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
+import math
+
 import keras
 import numpy as np
 import pytest
 
-from resnet_cifar.models import build_model, residual_block
+from resnet_cifar.models import build_model, prenorm_block, residual_block
 
 
 def relu(x):
@@ -68,3 +70,63 @@ def test_without_dropout_or_l2_no_such_layers():
     model = build_model([4], num_classes=2, input_shape=(3,))
     assert not any(isinstance(layer, keras.layers.Dropout) for layer in model.layers)
     assert model.losses == []
+
+
+def gelu(x):
+    erf = np.vectorize(math.erf)
+    return 0.5 * x * (1 + erf(x / np.sqrt(2)))
+
+
+def layer_norm(x, gamma, beta, epsilon=1e-3):
+    mean, var = x.mean(axis=-1, keepdims=True), x.var(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + epsilon) * gamma + beta
+
+
+def test_prenorm_block_keeps_the_residual_path_linear():
+    inputs = keras.Input(shape=(6,))
+    block = keras.Model(inputs, prenorm_block(inputs, 6, hidden=12, activation="gelu", norm="layer", name="b"))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 6)).astype(np.float32)
+    norm = block.get_layer("b_norm")
+    norm.set_weights([rng.normal(size=6), rng.normal(size=6)])  # not the identity init
+    w1, b1 = block.get_layer("b_dense1").get_weights()
+    w2, b2 = block.get_layer("b_dense2").get_weights()
+    expected = x + gelu(layer_norm(x, *norm.get_weights()) @ w1 + b1) @ w2 + b2
+    np.testing.assert_allclose(block.predict(x, verbose=0), expected, rtol=1e-4, atol=1e-5)
+    assert (expected < 0).any()  # no activation after the sum
+
+
+def test_blocks_expansion_and_norm_parameter_counts():
+    # Flatten 12 -> Dense 8 (104); each block 8->16->8 (144 + 136); classifier 8->3 (27).
+    assert build_model([8], 3, input_shape=(2, 2, 3), blocks=2, expansion=2).count_params() == 104 + 2 * 280 + 27
+    # Pre-norm with layer norm: gamma and beta (16) before each block and before the classifier.
+    prenorm = build_model([8], 3, input_shape=(2, 2, 3), blocks=2, expansion=2, norm="layer", prenorm=True)
+    assert prenorm.count_params() == 104 + 2 * (280 + 16) + 16 + 27
+    # Post-norm batch norm: 4 x units (gamma, beta, moving mean and variance) after each Dense;
+    # one block 8->8->8 (72 + 72).
+    postnorm = build_model([8], 3, input_shape=(2, 2, 3), norm="batch")
+    assert postnorm.count_params() == 104 + 32 + 72 + 32 + 72 + 32 + 27
+
+
+def test_postnorm_layer_order():
+    model = build_model([8], 3, input_shape=(2, 2, 3), blocks=2, activation="gelu", norm="layer")
+    assert [layer.name for layer in model.layers] == [
+        "image", "flatten", "stage1_dense", "stage1_dense_norm", "stage1_dense_act",
+        "stage1_block1_dense1", "stage1_block1_dense1_norm", "stage1_block1_dense1_act",
+        "stage1_block1_dense2", "stage1_block1_dense2_norm", "stage1_block1_add", "stage1_block1_out",
+        "stage1_block2_dense1", "stage1_block2_dense1_norm", "stage1_block2_dense1_act",
+        "stage1_block2_dense2", "stage1_block2_dense2_norm", "stage1_block2_add", "stage1_block2_out",
+        "classifier",
+    ]
+    assert model.get_layer("stage1_block1_out").activation.__name__ == "gelu"
+
+
+def test_mixed_precision_computes_in_bfloat16_and_outputs_float32():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = build_model([8], 3, input_shape=(2, 2, 3))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.get_layer("stage1_dense").compute_dtype == "bfloat16"
+    assert model.get_layer("stage1_dense").kernel.dtype == "float32"  # weights stay float32
+    assert model(np.ones((1, 2, 2, 3), np.float32)).dtype == "float32"

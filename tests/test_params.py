@@ -15,8 +15,8 @@ def project_params() -> dict:
 
 def test_project_params_describe_the_assignments_variants():
     params = load_params(PROJECT_PARAMS)
-    assert variant_names(params) == ["baseline", "deeper", "dropout", "l2"]
-    baseline, deeper, dropout, l2 = (variant_spec(params, name) for name in variant_names(params))
+    assert variant_names(params) == ["baseline", "deeper", "dropout", "l2", "tuned"]
+    baseline, deeper, dropout, l2 = (variant_spec(params, name) for name in variant_names(params)[:4])
     assert (baseline.widths, baseline.learning_rate) == ((256, 128), 1e-4)
     assert (baseline.epochs, baseline.batch_size, baseline.optimizer) == (100, 256, "adam")
     assert baseline.validation == "test" and baseline.dropout == 0 and baseline.l2 == (0, 0)
@@ -24,6 +24,24 @@ def test_project_params_describe_the_assignments_variants():
     assert dropout.dropout == 0.2 and dropout.widths == deeper.widths
     assert l2.l2 == (0.001, 0.01, 0.01, 0.01) and l2.dropout == 0
     assert data_params(params).dataset == "cifar10"
+    # Every ingredient beyond the assignment is off in its four variants.
+    for spec in (baseline, deeper, dropout, l2):
+        assert (spec.blocks, spec.expansion, spec.activation, spec.norm, spec.prenorm) == (1, 1, "relu", "none", False)
+        assert (spec.flip, spec.translate, spec.mixup) == (False, 0, 0)
+        assert (spec.optimizer, spec.weight_decay, spec.warmup_epochs, spec.schedule, spec.label_smoothing) == (
+            "adam", 0, 0, "constant", 0)
+
+
+def test_tuned_is_still_a_dense_residual_network():
+    tuned = variant_spec(load_params(PROJECT_PARAMS), "tuned")
+    assert tuned.blocks >= 1 and tuned.norm == "layer" and tuned.prenorm and tuned.flip and tuned.translate
+
+
+def test_adamw_takes_a_weight_decay():
+    params = project_params()
+    params["variants"]["deeper"] |= {"optimizer": "adamw", "weight_decay": 0.05}
+    spec = variant_spec(params, "deeper")
+    assert (spec.optimizer, spec.weight_decay) == ("adamw", 0.05)
 
 
 def test_a_single_l2_factor_applies_to_every_transition_dense(tmp_path):
@@ -56,7 +74,24 @@ BAD_VALUES = [
     ("train.epochs", 0, "train.epochs: expected a positive integer, got 0"),
     ("train.epochs", 2.5, "train.epochs: expected a positive integer, got 2.5"),
     ("train.batch_size", -8, "train.batch_size: expected a positive integer, got -8"),
-    ("train.optimizer", "adagrad", "train.optimizer: expected one of adam, sgd"),
+    ("train.optimizer", "adagrad", "train.optimizer: expected one of adam, adamw, sgd"),
+    ("train.weight_decay", 0.05, "train.weight_decay: expected 0 with optimizer adam (weight decay is adamw's)"),
+    ("train.weight_decay", -0.1, "train.weight_decay: expected a number in [0, inf)"),
+    ("train.warmup_epochs", 100, "train.warmup_epochs: expected an integer in [0, epochs) = [0, 100)"),
+    ("train.warmup_epochs", 1.5, "train.warmup_epochs: expected an integer in [0, epochs)"),
+    ("train.schedule", "step", "train.schedule: expected one of constant, cosine"),
+    ("train.label_smoothing", 1, "train.label_smoothing: expected a number in [0, 1)"),
+    ("train.precision", "float16", "train.precision: expected one of auto, float32, bfloat16"),
+    ("train.blocks", 0, "train.blocks: expected a positive integer, got 0"),
+    ("train.expansion", 0, "train.expansion: expected a number in (0, inf)"),
+    ("train.activation", "tanh", "train.activation: expected one of relu, gelu"),
+    ("train.norm", "group", "train.norm: expected one of none, layer, batch"),
+    ("train.prenorm", "yes", "train.prenorm: expected true or false, got 'yes'"),
+    ("train.flip", 1, "train.flip: expected true or false, got 1"),
+    ("train.translate", 16, "train.translate: expected an integer number of pixels in [0, 16)"),
+    ("train.translate", -2, "train.translate: expected an integer number of pixels in [0, 16)"),
+    ("train.mixup", -0.2, "train.mixup: expected a number in [0, inf)"),
+    ("variants.deeper.blocks", 2.5, "variants.deeper.blocks: expected a positive integer"),
     ("train.learning_rate", 0, "train.learning_rate: expected a number in (0, inf)"),
     ("train.learning_rate", "fast", "train.learning_rate: expected a number"),
     ("train.validation", 1.5, "train.validation: expected 'test' or a fraction"),

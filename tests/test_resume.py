@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import yaml
 
-from conftest import setup_project
+from conftest import EVERY_INGREDIENT, setup_project
 from resnet_cifar import prepare, train
 
 EPOCHS = 6
@@ -41,7 +41,11 @@ def test_killed_training_resumes_and_ends_as_an_uninterrupted_run(tmp_path, monk
         setup_project(project, monkeypatch, "cifar-10-binary", n_train=1500, epochs=EPOCHS)
         prepare.main([])
         runs[name] = project
-    # Reference: the variant with dropout, so the dropout RNG state must survive the restart too.
+        # The variant with dropout and every other ingredient on, so that the dropout RNG state,
+        # the augmentation and the learning-rate schedule must survive the restart too.
+        params = yaml.safe_load(Path("params.yaml").read_text())
+        params["variants"]["deep"] |= EVERY_INGREDIENT
+        Path("params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(runs["uninterrupted"])
     assert start_training("deep").wait(timeout=300) == 0
 

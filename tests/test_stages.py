@@ -1,17 +1,19 @@
 """prepare, explore, train and evaluate on small generated archives, in-process."""
 
+import dataclasses
 import json
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import yaml
 
 from cifar_archives import FORMATS, make_archive
-from conftest import setup_project, tiny_params
+from conftest import EVERY_INGREDIENT, setup_project, tiny_params
 from resnet_cifar import evaluate, explore, prepare, train
 from resnet_cifar.params import load_params, variant_spec
 from resnet_cifar.stage import StageError, all_or_nothing, atomic_path
@@ -72,13 +74,60 @@ def test_train_and_evaluate_a_100_class_variant(tmp_path, monkeypatch):
     assert train.model_path("small").is_file()
     history = json.loads((train.live_dir("small") / "metrics.json").read_text())
     assert history["step"] == 1 and history["parameters"] == 3072 * 16 + 16 + 2 * (16 * 16 + 16) + 16 * 100 + 100
-    assert set(json.loads(train.timing_path("small").read_text())) == {"train_seconds", "seconds_per_epoch"}
+    timing = json.loads(train.timing_path("small").read_text())
+    assert set(timing) == {"train_seconds", "seconds_per_epoch", "peak_memory_mb", "precision"}
+    assert timing["precision"] == train.resolve_precision("auto") and timing["peak_memory_mb"] > 100
     evaluate.main(["small"])
     metrics = json.loads(evaluate.evaluate_path("small").read_text())
     assert len(metrics["test"]["per_class_accuracy"]) == 100
     assert metrics["test"]["top5_accuracy"] >= metrics["test"]["accuracy"]
     assert metrics["overfit_gap"] == pytest.approx(metrics["train"]["accuracy"] - metrics["test"]["accuracy"], abs=1e-4)
     assert len(evaluate.confusion_path("small").read_text().splitlines()) == 1 + 10
+
+
+def test_every_ingredient_trains_saves_and_evaluates(tmp_path, monkeypatch):
+    setup_project(tmp_path, monkeypatch, "cifar-10-binary", n_train=200, **EVERY_INGREDIENT)
+    prepare.main([])
+    train.main(["deep"])
+    evaluate.main(["deep"])
+    metrics = json.loads(evaluate.evaluate_path("deep").read_text())
+    model = evaluate.load_trained(train.model_path("deep"))
+    assert isinstance(model.optimizer, keras.optimizers.AdamW)
+    assert {"stage2_block2_norm", "final_norm"} <= {layer.name for layer in model.layers}
+    data = prepare.load_prepared()
+    probabilities = model.predict(data["x_test"], verbose=0)
+    # The reported loss is plain cross-entropy plus the L2 penalty, not the label-smoothed loss trained on.
+    penalty = sum(float(loss) for loss in model.losses)
+    assert penalty > 0
+    expected = -np.mean(np.sum(data["y_test"] * np.log(np.clip(probabilities, 1e-7, 1)), axis=1)) + penalty
+    assert metrics["test"]["loss"] == pytest.approx(expected, abs=1e-4)
+    assert metrics["test"]["loss"] != pytest.approx(model.evaluate(data["x_test"], data["y_test"], verbose=0)[0],
+                                                    abs=1e-3)
+
+
+def test_learning_rate_warms_up_then_decays():
+    spec = variant_spec({**tiny_params(), "variants": {"v": {"widths": [4], "epochs": 10, "learning_rate": 0.01,
+                                                             "warmup_epochs": 2, "schedule": "cosine"}}}, "v")
+    schedule = train.learning_rate(spec, steps_per_epoch=5)
+    rates = [float(schedule(step)) for step in range(0, 51)]
+    assert rates[0] == 0 and rates[5] == pytest.approx(0.005) and rates[10] == pytest.approx(0.01)
+    assert rates[30] == pytest.approx(0.005, rel=1e-3)  # half-way through the cosine
+    assert rates[50] == pytest.approx(0, abs=1e-9) and all(a >= b for a, b in zip(rates[10:], rates[11:]))
+    constant = train.learning_rate(dataclasses.replace(spec, schedule="constant"), steps_per_epoch=5)
+    assert float(constant(5)) == pytest.approx(0.005) and float(constant(50)) == pytest.approx(0.01)
+    assert train.learning_rate(dataclasses.replace(spec, schedule="constant", warmup_epochs=0), 5) == 0.01
+
+
+@pytest.mark.parametrize("flags, expected", [("fpu avx512f avx512_bf16 sse", "bfloat16"),
+                                             ("fpu amx_bf16 amx_tile", "bfloat16"),
+                                             ("fpu avx512f avx2", "float32")])
+def test_auto_precision_follows_the_cpu(tmp_path, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert train.resolve_precision("auto", cpuinfo) == expected
+    assert train.resolve_precision("auto", tmp_path / "missing") == "float32"
+    assert train.resolve_precision("float32", cpuinfo) == "float32"
+    assert train.resolve_precision("bfloat16", tmp_path / "missing") == "bfloat16"
 
 
 def test_top_k_and_per_class_accuracy():

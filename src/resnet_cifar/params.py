@@ -12,7 +12,11 @@ PARAMS_FILE = Path("params.yaml")
 TOP_LEVEL_KEYS = ("seed", "data", "train", "variants")
 DATASETS = ("cifar10", "cifar100")
 LABEL_MODES = ("fine", "coarse")
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("auto", "float32", "bfloat16")
+ACTIVATIONS = ("relu", "gelu")
+NORMS = ("none", "layer", "batch")
 
 
 class ParamsError(StageError):
@@ -31,13 +35,29 @@ class VariantSpec:
 
     name: str
     seed: int
+    # the network
     widths: tuple[int, ...]
+    blocks: int  # residual blocks per width
+    expansion: float  # a block's first Dense has round(expansion * width) units
+    activation: str
+    norm: str  # none | layer | batch
+    prenorm: bool  # block x + f(norm(x)) instead of act(f(x) + x)
     dropout: float
     l2: tuple[float, ...]  # one factor per transition Dense
+    # the data it sees
+    flip: bool
+    translate: int  # pixels
+    mixup: float  # Beta(mixup, mixup) mixing weights; 0: off
+    # the optimization
     epochs: int
     batch_size: int
     optimizer: str
-    learning_rate: float
+    learning_rate: float  # the peak, after warm-up
+    weight_decay: float  # adamw's decoupled weight decay
+    warmup_epochs: int
+    schedule: str  # constant | cosine
+    label_smoothing: float
+    precision: str  # auto | float32 | bfloat16
     validation: str | float  # "test", or the fraction of train held out
 
 
@@ -69,7 +89,10 @@ def data_params(params: dict) -> DataParams:
     return DataParams(dataset, label_mode)
 
 
-TRAIN_KEYS = ("epochs", "batch_size", "optimizer", "learning_rate", "validation", "dropout", "l2")
+TRAIN_KEYS = ("epochs", "batch_size", "optimizer", "learning_rate", "weight_decay", "warmup_epochs",
+              "schedule", "label_smoothing", "precision", "validation",
+              "blocks", "expansion", "activation", "norm", "prenorm", "dropout", "l2",
+              "flip", "translate", "mixup")
 VARIANT_KEYS = ("widths",) + TRAIN_KEYS
 
 
@@ -117,16 +140,46 @@ def variant_spec(params: dict, name: str) -> VariantSpec:
     for i, factor in enumerate(l2_factors):
         _number(factor, f"{where}[{i}]" if isinstance(l2, list) else where, low=0.0)
 
+    blocks, where = value("blocks")
+    _positive_int(blocks, where)
+    expansion, where = value("expansion")
+    _number(expansion, where, low=0.0, low_open=True)
+    activation, where = value("activation")
+    _choice(activation, ACTIVATIONS, where)
+    norm, where = value("norm")
+    _choice(norm, NORMS, where)
+    prenorm, where = value("prenorm")
+    _boolean(prenorm, where)
+
+    flip, where = value("flip")
+    _boolean(flip, where)
+    translate, where = value("translate")
+    if not _is_int(translate) or not 0 <= translate < 16:
+        _fail(where, "an integer number of pixels in [0, 16)", translate)
+    mixup, where = value("mixup")
+    _number(mixup, where, low=0.0)
+
     epochs, where = value("epochs")
-    if not _is_int(epochs) or epochs <= 0:
-        _fail(where, "a positive integer", epochs)
+    _positive_int(epochs, where)
     batch_size, where = value("batch_size")
-    if not _is_int(batch_size) or batch_size <= 0:
-        _fail(where, "a positive integer", batch_size)
+    _positive_int(batch_size, where)
     optimizer, where = value("optimizer")
     _choice(optimizer, OPTIMIZERS, where)
     learning_rate, where = value("learning_rate")
     _number(learning_rate, where, low=0.0, low_open=True)
+    weight_decay, where = value("weight_decay")
+    _number(weight_decay, where, low=0.0)
+    if weight_decay and optimizer != "adamw":
+        _fail(where, f"0 with optimizer {optimizer} (weight decay is adamw's)", weight_decay)
+    warmup_epochs, where = value("warmup_epochs")
+    if not _is_int(warmup_epochs) or not 0 <= warmup_epochs < epochs:
+        _fail(where, f"an integer in [0, epochs) = [0, {epochs})", warmup_epochs)
+    schedule, where = value("schedule")
+    _choice(schedule, SCHEDULES, where)
+    label_smoothing, where = value("label_smoothing")
+    _number(label_smoothing, where, low=0.0, high=1.0, high_open=True)
+    precision, where = value("precision")
+    _choice(precision, PRECISIONS, where)
     validation, where = value("validation")
     if validation != "test":
         _number(validation, where, low=0.0, high=1.0, low_open=True, high_open=True,
@@ -136,12 +189,25 @@ def variant_spec(params: dict, name: str) -> VariantSpec:
         name=name,
         seed=params["seed"],
         widths=tuple(widths),
+        blocks=blocks,
+        expansion=float(expansion),
+        activation=activation,
+        norm=norm,
+        prenorm=prenorm,
         dropout=float(dropout),
         l2=tuple(float(f) for f in l2_factors),
+        flip=flip,
+        translate=translate,
+        mixup=float(mixup),
         epochs=epochs,
         batch_size=batch_size,
         optimizer=optimizer,
         learning_rate=float(learning_rate),
+        weight_decay=float(weight_decay),
+        warmup_epochs=warmup_epochs,
+        schedule=schedule,
+        label_smoothing=float(label_smoothing),
+        precision=precision,
         validation=validation if validation == "test" else float(validation),
     )
 
@@ -171,6 +237,16 @@ def _fail(key: str, expected: str, got: Any) -> None:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(value: Any, key: str) -> None:
+    if not _is_int(value) or value <= 0:
+        _fail(key, "a positive integer", value)
+
+
+def _boolean(value: Any, key: str) -> None:
+    if not isinstance(value, bool):
+        _fail(key, "true or false", value)
 
 
 def _choice(value: Any, options: tuple, key: str) -> str:

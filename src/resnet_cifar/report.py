@@ -6,6 +6,7 @@ that difference (depth and width, dropout, L2, learning rate) did to accuracy an
 """
 
 import csv
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,8 @@ from resnet_cifar.train import live_dir, timing_path  # noqa: E402
 
 REPORT_MD = Path("metrics/report.md")
 FIGURES_DIR = Path("metrics/report")
-COMPARED_FIELDS = ("widths", "learning_rate", "dropout", "l2", "optimizer", "epochs", "batch_size",
-                   "validation")
+COMPARED_FIELDS = tuple(f.name for f in dataclasses.fields(VariantSpec) if f.name not in ("name", "seed"))
+TABLE_FIELDS = ("widths", "learning_rate", "dropout", "l2")  # the rest appear under "recipe"
 NEGLIGIBLE = 0.005  # accuracy changes under half a point are noise between seeds
 
 
@@ -114,11 +115,16 @@ def comparison(results: list[Result]) -> plt.Figure:
 
 def describe_change(field: str, before, after) -> str:
     if field == "widths":
-        return f"widths {list(before)} -> {list(after)} ({len(before)} -> {len(after)} residual blocks)"
+        return f"widths {list(before)} -> {list(after)} ({len(before)} -> {len(after)} stages)"
     if field == "l2":
         return f"L2 {_l2_text(before)} -> {_l2_text(after)}"
-    return f"{field.replace('_', ' ')} {before:g} -> {after:g}" if isinstance(before, float) \
-        else f"{field.replace('_', ' ')} {before} -> {after}"
+    return f"{field.replace('_', ' ')} {_value_text(before)} -> {_value_text(after)}"
+
+
+def _value_text(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _l2_text(factors: tuple[float, ...]) -> str:
@@ -196,18 +202,24 @@ def overview(results: list[Result]) -> list[str]:
     return lines
 
 
+def recipe(spec: VariantSpec, reference: VariantSpec) -> str:
+    """The settings outside the table's columns where `spec` differs from `reference`."""
+    return ", ".join(f"{field.replace('_', ' ')} {_value_text(getattr(spec, field))}"
+                     for field in changed_fields(reference, spec) if field not in TABLE_FIELDS) or "-"
+
+
 def results_table(results: list[Result]) -> list[str]:
-    rows = ["| variant | widths | lr | dropout | L2 | parameters | train loss | train acc | "
-            "test loss | test acc | gap | epochs | best epoch | train time |",
-            "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [f"| variant | widths | lr | dropout | L2 | recipe (vs {results[0].spec.name}) | parameters "
+            "| train loss | train acc | test loss | test acc | gap | epochs | best epoch | train time |",
+            "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         rows.append(
             f"| {r.spec.name} | {list(r.spec.widths)} | {r.spec.learning_rate:g} | {r.spec.dropout:g} "
-            f"| {_l2_text(r.spec.l2)} | {r.summary['parameters']:,} "
+            f"| {_l2_text(r.spec.l2)} | {recipe(r.spec, results[0].spec)} | {r.summary['parameters']:,} "
             f"| {r.evaluation['train']['loss']:.4f} | {r.evaluation['train']['accuracy']:.4f} "
             f"| {r.evaluation['test']['loss']:.4f} | {r.test_accuracy:.4f} | {r.gap:.4f} "
             f"| {len(r.history['train/loss'])} | {r.best_epoch} "
-            f"| {_duration(r.timing['train_seconds'])} |")
+            f"| {_duration(r.timing['train_seconds'])} ({r.timing['precision']}) |")
     return rows
 
 

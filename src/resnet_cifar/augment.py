@@ -1,0 +1,48 @@
+"""Random changes to training batches: flips, translations and mixup.
+
+Every random draw is stateless, from a seed that `train` derives from (params seed, epoch,
+batch), so a resumed run augments exactly as an uninterrupted one would.
+"""
+
+import tensorflow as tf
+
+
+def flip(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Mirror each image left-right with probability 1/2."""
+    mirrored = tf.random.stateless_uniform([tf.shape(images)[0], 1, 1, 1], seed) < 0.5
+    return tf.where(mirrored, tf.reverse(images, axis=[2]), images)
+
+
+def translate(images: tf.Tensor, pixels: int, seed: tf.Tensor) -> tf.Tensor:
+    """Shift each image by up to `pixels` rows and columns either way, filling with zeros."""
+    count, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
+    padded = tf.pad(images, [[0, 0], [pixels, pixels], [pixels, pixels], [0, 0]])
+    offsets = tf.random.stateless_uniform([2, count], seed, 0, 2 * pixels + 1, dtype=tf.int32)
+    rows = offsets[0][:, None] + tf.range(height)[None, :]
+    columns = offsets[1][:, None] + tf.range(width)[None, :]
+    images = tf.gather(padded, rows, axis=1, batch_dims=1)
+    return tf.gather(images, columns, axis=2, batch_dims=1)
+
+
+def mixup(images: tf.Tensor, labels: tf.Tensor, alpha: float, seed: tf.Tensor):
+    """Blend the batch with a shuffled copy of itself, images and labels alike, by a weight
+    drawn from Beta(alpha, alpha) (as the ratio of two Gamma(alpha) draws)."""
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    gammas = tf.random.stateless_gamma([2], seeds[0], alpha=alpha)
+    weight = gammas[0] / (gammas[0] + gammas[1])
+    partners = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(images)[0]), seeds[1])
+    return (weight * images + (1 - weight) * tf.gather(images, partners),
+            weight * labels + (1 - weight) * tf.gather(labels, partners))
+
+
+def augment(images: tf.Tensor, labels: tf.Tensor, flips: bool, pixels: int, alpha: float,
+            seed: tf.Tensor):
+    """The batch with the augmentations that are on (flips, translations, mixup) applied."""
+    flip_seed, translate_seed, mixup_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    if flips:
+        images = flip(images, flip_seed)
+    if pixels:
+        images = translate(images, pixels, translate_seed)
+    if alpha:
+        images, labels = mixup(images, labels, alpha, mixup_seed)
+    return images, labels
