@@ -127,6 +127,35 @@ def test_queued_experiments_run_in_parallel_with_separate_results(repo):
     assert len(test_losses) == 2
 
 
+def test_ablation_runs_an_experiment_per_ingredient_and_tabulates_them(repo):
+    from resnet_cifar.ablation import ABLATION_MD, MARKERS
+    readme = repo / "README.md"
+    readme.write_text(f"# project\n\n{MARKERS[0]}\nan old table\n{MARKERS[1]}\n\nmore\n")
+    try:
+        # The tiny `deep` variant's one ingredient is dropout (0.1).
+        sh(repo, sys.executable, "-m", "resnet_cifar.ablation", "--variant", "deep", "--epochs", "1")
+        experiments = {}
+        for row in json.loads(sh(repo, "dvc", "exp", "show", "--json")):
+            for exp in row.get("experiments") or []:
+                experiments[exp["revs"][0]["name"]] = exp["revs"][0]["data"]
+        table = (repo / ABLATION_MD).read_text()
+        written = readme.read_text()
+    finally:
+        sh(repo, "dvc", "exp", "remove", "-A")
+        readme.unlink()
+        (repo / ABLATION_MD).unlink(missing_ok=True)
+    assert set(experiments) == {"ablation-deep-reference", "ablation-deep-dropout"}
+    for name, dropout in (("ablation-deep-reference", 0.1), ("ablation-deep-dropout", 0.0)):
+        deep = experiments[name]["params"]["params.yaml"]["data"]["variants"]["deep"]
+        assert (deep["epochs"], deep.get("dropout")) == (1, dropout)
+        accuracy = experiments[name]["metrics"]["metrics/variants/deep/evaluate.json"]["data"]["test"]["accuracy"]
+        label = "every ingredient" if dropout else "without dropout"
+        assert re.search(rf"\| (deep, )?{label} \| {accuracy:.4f} \|", table), table
+    assert "(1 epoch per run;" in table
+    assert written == f"# project\n\n{MARKERS[0]}\n{table}{MARKERS[1]}\n\nmore\n"
+    assert sh(repo, "git", "status", "--porcelain") == ""  # the workspace is as it was
+
+
 def test_exp_run_metrics_diff_and_pull_request_comment(repo):
     sh(repo, "dvc", "exp", "run", "-S", "train.epochs=3")
     diff = json.loads(sh(repo, "dvc", "metrics", "diff", "--json"))

@@ -36,8 +36,7 @@ INGREDIENTS = {
     "extra blocks": {"blocks": 1},
     "GELU": {"activation": "relu"},
     "AdamW (vs Adam)": {"optimizer": "adam", "weight_decay": 0.0},
-    "warm-up": {"warmup_epochs": 0},
-    "cosine decay": {"schedule": "constant"},
+    "warm-up and cosine decay": {"warmup_epochs": 0, "schedule": "constant"},
     "label smoothing": {"label_smoothing": 0.0},
     "dropout": {"dropout": 0.0},
 }
@@ -61,7 +60,7 @@ def run_experiment(name: str, variant: str, changes: dict) -> None:
     subprocess.run(["dvc", "exp", "remove", name], capture_output=True)  # an earlier ablation's
     command = ["dvc", "exp", "run", "--temp", f"evaluate@{variant}", "-n", name]
     for key, value in changes.items():
-        command += ["-S", f"variants.{variant}.{key}={yaml_value(value)}"]
+        command += ["-S", f"++variants.{variant}.{key}={yaml_value(value)}"]  # ++: set, or add if absent
     print("$ " + " ".join(command), flush=True)
     if subprocess.run(command).returncode != 0:
         raise StageError(f"experiment {name} failed (see the output above)")
@@ -83,7 +82,8 @@ def experiment_metrics(variant: str) -> dict[str, dict]:
 
 def ablation_table(variant: str, epochs: int, reference: dict, without: dict[str, dict]) -> list[str]:
     accuracy = reference["test"]["accuracy"]
-    rows = [f"Ablation of `{variant}` ({epochs} epochs per run; test accuracy on CIFAR-10's test set).",
+    rows = [f"Ablation of `{variant}` ({epochs} epoch{'s' if epochs != 1 else ''} per run; "
+            "accuracy on the test set).",
             "",
             "| run | test acc | train acc | gap | ingredient is worth |",
             "|---|---:|---:|---:|---:|",
