@@ -116,9 +116,9 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     spec = variant_spec(load_params(), args.variant)
     epochs = args.epochs or spec.epochs
-    shortened = {"epochs": epochs} if epochs != spec.epochs else {}
-    # warm-up must stay shorter than the run
-    shortened |= {"warmup_epochs": min(spec.warmup_epochs, epochs - 1)} if shortened else {}
+    shortened = {}
+    if epochs != spec.epochs:  # the warm-up must stay shorter than the run
+        shortened = {"epochs": epochs, "warmup_epochs": min(spec.warmup_epochs, epochs - 1)}
     ingredients = ingredients_on(dataclasses.replace(spec, **shortened))
     if not ingredients:
         raise StageError(f"variant {args.variant} uses none of: {', '.join(INGREDIENTS)}")
