@@ -1,6 +1,7 @@
 """Seconds per training epoch of the assignment's baseline model, code paths side by side.
 
     python bench/bench_train.py [--epochs 5] [--levers]
+    python bench/bench_train.py --variant conv [--epochs 3] [--images 10000]
 
 (a) the assignment's own path: the functional model fed float32 numpy arrays, `model.fit` defaults;
 (b) the `train` stage's path: `train.compiled_model` fed by `train.shuffled_batches`, at the
@@ -13,6 +14,10 @@ per epoch after the first (which includes tracing), the speed-up over (a), the a
 (6 x parameters x images per epoch) and, as the ceiling, the measured peak of a large matmul in
 float32 and bfloat16 on this machine with the epoch time it would allow. Run it on an otherwise
 idle machine.
+
+With --variant, times the train stage's path of that variant of params.yaml instead, in bfloat16
+and in float32 side by side, next to the baseline's, on the first --images training images, and
+prints the seconds a full epoch would take and the ratio to the baseline's epoch.
 """
 
 import argparse
@@ -67,7 +72,7 @@ def train_stage_path(x: np.ndarray, y: np.ndarray, spec: VariantSpec, steps_per_
     """Epoch times of the train stage's model and input pipeline; steps_per_call and xla recompile
     it to measure those levers."""
     steps_per_epoch = math.ceil(len(x) / spec.batch_size)
-    model = train.compiled_model(spec, x.shape[1:], y.shape[1], steps_per_epoch)
+    model = train.compiled_model(spec, x, y.shape[1], steps_per_epoch)
     if steps_per_call or xla:
         model.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"], jit_compile=xla,
                       steps_per_execution=steps_per_call or steps_per_epoch)
@@ -88,11 +93,35 @@ def matmul_gflops(dtype: tf.DType, n: int = 4096, repeats: int = 10) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
+def compare_precisions(variant: str, epochs: int, images: int) -> None:
+    """Full-epoch seconds of `variant` and of the baseline, in bfloat16 and float32, measured on
+    the first `images` training images."""
+    x, y, source = training_data()
+    x, y = x[:images], y[:images]
+    scale = 50_000 / len(x)
+    print(f"{variant} vs baseline, train stage path, {len(x):,} images from {source}, {epochs} epochs "
+          "each (the first is not counted), seconds scaled to 50,000 images")
+    params = load_params()
+    baseline_seconds = None
+    for name in ("baseline", variant):
+        for precision in ("bfloat16", "float32"):
+            spec = dataclasses.replace(variant_spec(params, name), epochs=epochs, precision=precision)
+            seconds = float(np.median(train_stage_path(x, y, spec)[1:])) * scale
+            baseline_seconds = baseline_seconds or seconds  # the baseline in bfloat16
+            print(f"{name} in {precision}: {seconds:.1f} s/epoch, {seconds / baseline_seconds:.1f}x the "
+                  f"baseline's bfloat16 epoch", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=5, help="epochs per path (the first is not counted)")
     parser.add_argument("--levers", action="store_true", help="also time (b) with each lever changed")
+    parser.add_argument("--variant", help="time this variant in bfloat16 and float32 instead")
+    parser.add_argument("--images", type=int, default=10_000, help="with --variant: training images used")
     args = parser.parse_args()
+    if args.variant:
+        compare_precisions(args.variant, args.epochs, args.images)
+        return
     baseline = variant_spec(load_params(), "baseline")
     stage_spec = dataclasses.replace(baseline, epochs=args.epochs,
                                      precision=train.resolve_precision(baseline.precision))

@@ -44,5 +44,12 @@ def setup_project(tmp_path: Path, monkeypatch, fmt: str, label_mode: str = "fine
 
 # Every ingredient beyond the assignment, on: what a `tuned` variant can use.
 EVERY_INGREDIENT = {"blocks": 2, "expansion": 2, "activation": "gelu", "norm": "layer", "prenorm": True,
-                    "flip": True, "translate": 2, "mixup": 0.4, "optimizer": "adamw", "weight_decay": 0.05,
-                    "warmup_epochs": 1, "schedule": "cosine", "label_smoothing": 0.1}
+                    "standardize": True, "flip": True, "translate": 2, "crop": 1, "mixup": 0.4,
+                    "optimizer": "adamw", "weight_decay": 0.05, "warmup_epochs": 1, "schedule": "cosine",
+                    "label_smoothing": 0.1, "ema": 0.9, "tta": True}
+
+# A tiny convolutional variant with every ingredient fast CIFAR training uses.
+TINY_CONV = {"widths": [4, 8], "arch": "conv", "stem": 4, "blocks": [1, 1], "downsample": "pool", "norm": "batch",
+             "standardize": True, "flip": True, "crop": 2, "optimizer": "nesterov", "learning_rate": 0.05,
+             "weight_decay": 0.005, "warmup_epochs": 1, "schedule": "linear", "label_smoothing": 0.2, "ema": 0.9,
+             "tta": True, "precision": "float32"}

@@ -42,6 +42,29 @@ def test_translate_shifts_each_image_by_at_most_the_given_pixels():
     assert len(set(shifts)) > 15  # each image draws its own shift; 25 are possible
 
 
+def reflected_crop(image: np.ndarray, pixels: int, row: int, column: int) -> np.ndarray:
+    """The window at (row, column) of the image padded by `pixels` with its own mirror image."""
+    height, width = image.shape[:2]
+    padded = np.pad(image, [(pixels, pixels), (pixels, pixels), (0, 0)], mode="reflect")
+    return padded[row:row + height, column:column + width]
+
+
+def test_crop_takes_a_window_of_the_reflect_padded_image():
+    images = random_images()
+    cropped = augment.translate(tf.constant(images), 3, SEED, fill="REFLECT").numpy()
+    offsets = []
+    for out, image in zip(cropped, images):
+        (match,) = [(r, c) for r in range(7) for c in range(7) if np.array_equal(out, reflected_crop(image, 3, r, c))]
+        offsets.append(match)
+        # Every pixel is one of the image's own: no zeros, nothing outside its range.
+        assert np.isin(out, image).all()
+    assert len(set(offsets)) > 20  # each image draws its own window; 49 are possible
+    again = augment.translate(tf.constant(images), 3, SEED, fill="REFLECT").numpy()
+    other = augment.translate(tf.constant(images), 3, SEED + 1, fill="REFLECT").numpy()
+    np.testing.assert_array_equal(cropped, again)  # a function of the seed
+    assert not np.array_equal(cropped, other)
+
+
 def test_mixup_blends_images_and_labels_by_the_same_weight():
     images = random_images(32)
     labels = np.eye(32, dtype=np.float32)  # one class per image: each blend's partner can be read off
@@ -61,9 +84,9 @@ def test_mixup_blends_images_and_labels_by_the_same_weight():
 
 def test_augmentation_is_a_function_of_the_seed():
     images, labels = tf.constant(random_images(16)), tf.constant(np.eye(16, dtype=np.float32))
-    first = augment.augment(images, labels, True, 2, 0.4, SEED)
-    again = augment.augment(images, labels, True, 2, 0.4, SEED)
-    other = augment.augment(images, labels, True, 2, 0.4, SEED + 1)
+    first = augment.augment(images, labels, True, 2, 3, 0.4, SEED)
+    again = augment.augment(images, labels, True, 2, 3, 0.4, SEED)
+    other = augment.augment(images, labels, True, 2, 3, 0.4, SEED + 1)
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert not np.array_equal(first[0].numpy(), other[0].numpy())
@@ -73,7 +96,7 @@ def test_augmentation_is_a_function_of_the_seed():
 def test_a_resumed_run_sees_the_batches_of_an_uninterrupted_one(augmented):
     params = {**TINY_PARAMS, "variants": {"v": {"widths": [4], "epochs": 3, "batch_size": 8}}}
     if augmented:
-        params["variants"]["v"] |= {"flip": True, "translate": 2, "mixup": 0.4}
+        params["variants"]["v"] |= {"flip": True, "translate": 2, "crop": 2, "mixup": 0.4}
     spec = variant_spec(params, "v")
     x, y = random_images(20), np.eye(20, dtype=np.float32)
     from_start = [[t.numpy() for t in batch] for batch in train.shuffled_batches(x, y, spec, first_epoch=0)]

@@ -19,7 +19,7 @@ import yaml
 
 from cifar_archives import FORMATS, Archive, make_archive
 from conftest import tiny_params
-from resnet_cifar import data, prepare
+from resnet_cifar import data, paths, prepare
 from resnet_cifar.params import ParamsError
 from resnet_cifar.stage import StageError
 
@@ -98,7 +98,7 @@ def test_writes_arrays_labels_and_classes_in_official_order(fmt: str, tmp_path: 
     use(archive, monkeypatch)
     data.main([])
 
-    raw = data.load_raw(data.raw_path(dataset_of(fmt)))
+    raw = data.load_raw(paths.raw_path(dataset_of(fmt)))
     for key in ("x_train", "y_train", "x_test", "y_test"):
         assert raw[key].dtype == np.uint8
         np.testing.assert_array_equal(raw[key], getattr(archive, key), err_msg=key)
@@ -128,8 +128,8 @@ def test_pixels_are_hwc_of_the_official_chw_planes(fmt: str, tmp_path: Path, mon
     else:  # 1 (CIFAR-10) or 2 (CIFAR-100: coarse, fine) label bytes before the pixels
         label_bytes = 2 if fmt.startswith("cifar-100") else 1
         record = np.frombuffer(member[label_bytes:label_bytes + 3072], dtype=np.uint8)
-        assert data.load_raw(data.raw_path(dataset_of(fmt)))["y_train"][0] == member[label_bytes - 1]
-    x = data.load_raw(data.raw_path(dataset_of(fmt)))["x_train"]
+        assert data.load_raw(paths.raw_path(dataset_of(fmt)))["y_train"][0] == member[label_bytes - 1]
+    x = data.load_raw(paths.raw_path(dataset_of(fmt)))["x_train"]
     for channel, row, col in [(0, 0, 1), (1, 31, 0), (2, 5, 7), (2, 31, 31)]:
         assert x[0, row, col, channel] == record[channel * 1024 + row * 32 + col]
 

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from resnet_cifar.models import build_model, prenorm_block, residual_block
+from resnet_cifar.models import build_model, conv_block, prenorm_block, residual_block
 
 
 def relu(x):
@@ -130,3 +130,88 @@ def test_mixed_precision_computes_in_bfloat16_and_outputs_float32():
     assert model.get_layer("stage1_dense").compute_dtype == "bfloat16"
     assert model.get_layer("stage1_dense").kernel.dtype == "float32"  # weights stay float32
     assert model(np.ones((1, 2, 2, 3), np.float32)).dtype == "float32"
+
+
+def resnet(blocks_per_stage: int, **kwargs) -> keras.Model:
+    """He et al.'s CIFAR ResNet-(6n+2): a 16-filter stem, three stages of 16, 32 and 64 filters."""
+    return build_model([16, 32, 64], 10, arch="conv", blocks=blocks_per_stage, stem=16, downsample="stride",
+                       norm="batch", **kwargs)
+
+
+def trainable(model: keras.Model) -> int:
+    return sum(int(np.prod(weight.shape)) for weight in model.trainable_weights)
+
+
+@pytest.mark.parametrize("depth, blocks_per_stage, parameters, trainable_parameters", [
+    (20, 3, 274_042, 272_474),  # "0.27M" in He et al. 2016, table 6
+    (56, 9, 860_026, 855_770),  # "0.85M"
+])
+def test_resnet_20_and_56_parameter_counts(depth, blocks_per_stage, parameters, trainable_parameters):
+    model = resnet(blocks_per_stage)
+    assert model.count_params() == parameters and trainable(model) == trainable_parameters
+    convolutions = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)
+                    and "projection" not in layer.name]
+    assert len(convolutions) + 1 == depth  # and the classifier
+    # Stage 2 and 3 start with a strided block and a 1x1 projection; the image shrinks 32 -> 16 -> 8.
+    assert [layer.name for layer in model.layers if "projection" in layer.name and "norm" not in layer.name] == [
+        "stage2_block1_projection", "stage3_block1_projection"]
+    assert model.get_layer("stage3_block1_out").output.shape[1:] == (8, 8, 64)
+
+
+def conv2d_same(x: np.ndarray, kernel: np.ndarray, stride: int = 1) -> np.ndarray:
+    """TensorFlow's "same" convolution, written out: pad (the extra pixel after), then slide."""
+    k, (n, height, width, _) = kernel.shape[0], x.shape
+    out_h, out_w = -(-height // stride), -(-width // stride)
+    pad_h, pad_w = max((out_h - 1) * stride + k - height, 0), max((out_w - 1) * stride + k - width, 0)
+    padded = np.pad(x, [(0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)])
+    out = np.zeros((n, out_h, out_w, kernel.shape[-1]), np.float64)
+    for i in range(out_h):
+        for j in range(out_w):
+            patch = padded[:, i * stride:i * stride + k, j * stride:j * stride + k, :]
+            out[:, i, j] = np.tensordot(patch, kernel, axes=([1, 2, 3], [0, 1, 2]))
+    return out
+
+
+@pytest.mark.parametrize("filters, strides", [(3, 1), (5, 2)], ids=["identity", "projection"])
+def test_conv_block_computes_he_et_als_equations(filters, strides):
+    inputs = keras.Input(shape=(4, 4, 3))
+    block = keras.Model(inputs, conv_block(inputs, filters, strides, "relu", "none", name="b"))
+    x = np.random.default_rng(0).normal(size=(2, 4, 4, 3)).astype(np.float32)
+    (w1,), (w2,) = block.get_layer("b_conv1").get_weights(), block.get_layer("b_conv2").get_weights()
+    h = conv2d_same(relu(conv2d_same(x, w1, strides)), w2)
+    if strides == 1:
+        shortcut = x  # the identity
+        assert not any("projection" in layer.name for layer in block.layers)
+    else:
+        (projection,) = block.get_layer("b_projection").get_weights()
+        assert projection.shape == (1, 1, 3, filters)
+        shortcut = conv2d_same(x, projection, strides)
+    expected = relu(h + shortcut)  # the activation comes after the sum, as in the dense block
+    assert expected.shape == (2, 4 // strides, 4 // strides, filters)
+    np.testing.assert_allclose(block.predict(x, verbose=0), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_pool_downsampling_builds_pages_resnet9_shape():
+    model = build_model([32, 64, 128], 10, arch="conv", blocks=[1, 0, 1], stem=16, downsample="pool", norm="batch")
+    shapes = {name: model.get_layer(name).output.shape[1:] for name in
+              ("stem_conv_act", "stage1_pool", "stage1_block1_out", "stage2_pool", "stage3_block1_out", "pool")}
+    assert shapes == {"stem_conv_act": (32, 32, 16), "stage1_pool": (16, 16, 32), "stage1_block1_out": (16, 16, 32),
+                      "stage2_pool": (8, 8, 64), "stage3_block1_out": (4, 4, 128), "pool": (128,)}
+    assert not any(layer.name.startswith("stage2_block") for layer in model.layers)
+
+
+def test_preactivation_blocks_normalize_before_each_convolution():
+    model = resnet(1, prenorm=True)
+    names = [layer.name for layer in model.layers]
+    assert names[:3] == ["image", "stem_conv", "stage1_block1_pre_norm"]
+    assert "stem_conv_norm" not in names and names[-3:] == ["final_act", "pool", "classifier"]
+    assert names.index("stage2_block1_projection") > names.index("stage2_block1_pre_act")
+
+
+def test_standardization_is_a_layer_saved_with_the_model(tmp_path):
+    mean, variance = np.array([0.5, 0.4, 0.3]), np.array([0.04, 0.09, 0.16])
+    build_model([4], 2, input_shape=(2, 2, 3), input_stats=(mean, variance)).save(tmp_path / "m.keras")
+    model = keras.models.load_model(tmp_path / "m.keras")  # what evaluate and any later use see
+    standardize = keras.Model(model.input, model.get_layer("standardize").output)
+    x = np.random.default_rng(0).uniform(size=(3, 2, 2, 3)).astype(np.float32)
+    np.testing.assert_allclose(standardize.predict(x, verbose=0), (x - mean) / np.sqrt(variance), rtol=1e-5)

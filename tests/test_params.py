@@ -1,10 +1,12 @@
 import re
 from pathlib import Path
 
+import keras
 import pytest
 import yaml
 
-from resnet_cifar.params import ParamsError, data_params, load_params, variant_names, variant_spec
+from resnet_cifar.models import build_model
+from resnet_cifar.params import NETWORK, ParamsError, data_params, load_params, variant_names, variant_spec
 
 PROJECT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -13,28 +15,43 @@ def project_params() -> dict:
     return yaml.safe_load(PROJECT_PARAMS.read_text())
 
 
-def test_project_params_describe_the_assignments_variants():
-    params = load_params(PROJECT_PARAMS)
-    assert variant_names(params) == ["baseline", "deeper", "dropout", "l2", "tuned"]
-    baseline, deeper, dropout, l2 = (variant_spec(params, name) for name in variant_names(params)[:4])
-    assert (baseline.widths, baseline.learning_rate) == ((256, 128), 1e-4)
-    assert (baseline.epochs, baseline.batch_size, baseline.optimizer) == (100, 256, "adam")
-    assert baseline.validation == "test" and baseline.dropout == 0 and baseline.l2 == (0, 0)
-    assert (deeper.widths, deeper.learning_rate) == ((512, 512, 256, 128), 1e-3)
-    assert dropout.dropout == 0.2 and dropout.widths == deeper.widths
-    assert l2.l2 == (0.001, 0.01, 0.01, 0.01) and l2.dropout == 0
-    assert data_params(params).dataset == "cifar10"
-    # Every ingredient beyond the assignment is off in its four variants.
-    for spec in (baseline, deeper, dropout, l2):
-        assert (spec.blocks, spec.expansion, spec.activation, spec.norm, spec.prenorm) == (1, 1, "relu", "none", False)
-        assert (spec.flip, spec.translate, spec.mixup) == (False, 0, 0)
-        assert (spec.optimizer, spec.weight_decay, spec.warmup_epochs, spec.schedule, spec.label_smoothing) == (
-            "adam", 0, 0, "constant", 0)
+def project_model(name: str):
+    """The network the train stage builds for variant `name` of the project's params.yaml."""
+    spec = variant_spec(load_params(PROJECT_PARAMS), name)
+    return spec, build_model(num_classes=10, **spec.group(NETWORK))
+
+
+@pytest.mark.parametrize("name, parameters", [("baseline", 985_482), ("deeper", 3_216_778),
+                                              ("dropout", 3_216_778), ("l2", 3_216_778)])
+def test_the_assignments_variants_build_the_assignments_networks(name, parameters):
+    spec, model = project_model(name)
+    assert model.count_params() == parameters
+    assert not any(isinstance(layer, keras.layers.Normalization) for layer in model.layers)
+    dropouts = [layer.rate for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+    assert dropouts == ([0.2] * 4 if name == "dropout" else [])
+    factors = [round(float(layer.kernel_regularizer.l2), 6) for layer in model.layers
+               if getattr(layer, "kernel_regularizer", None)]
+    assert factors == ([0.001, 0.01, 0.01, 0.01] if name == "l2" else [])
+    # The assignment's recipe: nothing beyond it is switched on.
+    learning_rate = 1e-4 if name == "baseline" else 1e-3
+    assert (spec.optimizer, spec.learning_rate, spec.epochs, spec.batch_size) == ("adam", learning_rate, 100, 256)
+    assert not (spec.flip or spec.translate or spec.crop or spec.mixup or spec.standardize or spec.tta
+                or spec.weight_decay or spec.warmup_epochs or spec.label_smoothing or spec.ema)
+    assert spec.schedule == "constant" and spec.validation == "test"
 
 
 def test_tuned_is_still_a_dense_residual_network():
-    tuned = variant_spec(load_params(PROJECT_PARAMS), "tuned")
-    assert tuned.blocks >= 1 and tuned.norm == "layer" and tuned.prenorm and tuned.flip and tuned.translate
+    _, model = project_model("tuned")
+    kinds = {type(layer).__name__ for layer in model.layers}
+    assert {"Flatten", "Dense", "Add"} <= kinds
+    assert not {"Conv2D", "MultiHeadAttention"} & kinds
+
+
+def test_conv_is_a_convolutional_residual_network():
+    spec, model = project_model("conv")
+    kinds = {type(layer).__name__ for layer in model.layers}
+    assert {"Conv2D", "BatchNormalization", "Add", "GlobalAveragePooling2D"} <= kinds
+    assert "Flatten" not in kinds and spec.tta
 
 
 def test_adamw_takes_a_weight_decay():
@@ -80,6 +97,17 @@ BAD_VALUES = [
     ("train.warmup_epochs", 100, "train.warmup_epochs: expected an integer in [0, epochs) = [0, 100)"),
     ("train.warmup_epochs", 1.5, "train.warmup_epochs: expected an integer in [0, epochs)"),
     ("train.schedule", "step", "train.schedule: expected one of constant, cosine"),
+    ("train.arch", "vit", "train.arch: expected one of dense, conv, got 'vit'"),
+    ("train.stem", 0, "train.stem: expected a positive integer, got 0"),
+    ("train.downsample", "avg", "train.downsample: expected one of stride, pool"),
+    ("train.crop", 16, "train.crop: expected an integer number of pixels in [0, 16)"),
+    ("train.ema", 1.0, "train.ema: expected a number in [0, 1)"),
+    ("train.tta", "yes", "train.tta: expected true or false, got 'yes'"),
+    ("train.standardize", 1, "train.standardize: expected true or false, got 1"),
+    ("variants.deeper.blocks", [1, 1, 1], "variants.deeper.blocks: expected 4 values (one per width), got 3"),
+    ("variants.deeper.blocks", [1, -1, 1, 1], "variants.deeper.blocks[1]: expected an integer >= 0, got -1"),
+    ("variants.conv.dropout", 0.1, "variants.conv.dropout: expected 0.0 with arch conv (a dense network's key)"),
+    ("variants.conv.l2", 0.01, "variants.conv.l2: expected (0.0, 0.0, 0.0) with arch conv"),
     ("train.label_smoothing", 1, "train.label_smoothing: expected a number in [0, 1)"),
     ("train.precision", "float16", "train.precision: expected one of auto, float32, bfloat16"),
     ("train.blocks", 0, "train.blocks: expected a positive integer, got 0"),

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pytest
 import yaml
 
-from conftest import EVERY_INGREDIENT, setup_project
-from resnet_cifar import prepare, train
+from conftest import EVERY_INGREDIENT, TINY_CONV, setup_project
+from resnet_cifar import paths, prepare, train
 
 EPOCHS = 6
 
@@ -24,16 +25,17 @@ def start_training(variant: str) -> subprocess.Popen:
 
 def outputs(project: Path, variant: str) -> dict[str, bytes]:
     """The DVCLive history and the model summary of a finished run."""
-    variant_dir = project / train.VARIANTS_DIR / variant
+    variant_dir = project / paths.VARIANTS_DIR / variant
     return {str(p.relative_to(variant_dir)): p.read_bytes() for p in sorted(variant_dir.rglob("*"))
             if p.is_file() and p.name != "train_time.json"}
 
 
 def weights(project: Path, variant: str) -> list[np.ndarray]:
-    return keras.models.load_model(project / train.model_path(variant)).get_weights()
+    return keras.models.load_model(project / paths.model_path(variant)).get_weights()
 
 
-def test_killed_training_resumes_and_ends_as_an_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("variant", ["deep", "conv"])
+def test_killed_training_resumes_and_ends_as_an_uninterrupted_run(tmp_path, monkeypatch, variant):
     runs = {}
     for name in ("uninterrupted", "killed"):
         project = tmp_path / name
@@ -41,33 +43,35 @@ def test_killed_training_resumes_and_ends_as_an_uninterrupted_run(tmp_path, monk
         setup_project(project, monkeypatch, "cifar-10-binary", n_train=1500, epochs=EPOCHS)
         prepare.main([])
         runs[name] = project
-        # The variant with dropout and every other ingredient on, so that the dropout RNG state,
-        # the augmentation and the learning-rate schedule must survive the restart too.
+        # Variants with every ingredient on (dropout; batch norm and weight averaging for conv), so
+        # that the dropout RNG, the augmentation, the schedule and the averages survive the restart.
         params = yaml.safe_load(Path("params.yaml").read_text())
         params["variants"]["deep"] |= EVERY_INGREDIENT
+        params["variants"]["conv"] = TINY_CONV
         Path("params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(runs["uninterrupted"])
-    assert start_training("deep").wait(timeout=300) == 0
+    assert start_training(variant).wait(timeout=300) == 0
 
     monkeypatch.chdir(runs["killed"])
-    stage = start_training("deep")
+    stage = start_training(variant)
     for line in stage.stdout:
-        if line.startswith(f"[deep] epoch 3/{EPOCHS}"):
+        if line.startswith(f"[{variant}] epoch 3/{EPOCHS}"):
             break
     stage.send_signal(signal.SIGKILL)  # while epoch 3 is being saved, or in epoch 4
     stage.wait(timeout=60)
-    assert (train.checkpoint_dir("deep") / "state.json").is_file()
+    assert (paths.checkpoint_dir(variant) / "state.json").is_file()
 
-    resumed = subprocess.run([sys.executable, "-m", "resnet_cifar.train", "deep"],
+    resumed = subprocess.run([sys.executable, "-m", "resnet_cifar.train", variant],
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    resumed_after = re.search(r"\[deep\] resuming after epoch (\d) from .dvc/tmp/checkpoints/deep/", resumed.stdout)
+    resumed_after = re.search(rf"\[{variant}\] resuming after epoch (\d) from .dvc/tmp/checkpoints/{variant}/",
+                              resumed.stdout)
     assert resumed_after and 2 <= int(resumed_after[1]) <= 4, resumed.stdout[:300]
-    assert f"[deep] epoch 1/{EPOCHS}" not in resumed.stdout
-    assert not train.checkpoint_dir("deep").exists()  # removed once the stage completes
+    assert f"[{variant}] epoch 1/{EPOCHS}" not in resumed.stdout
+    assert not paths.checkpoint_dir(variant).exists()  # removed once the stage completes
 
-    assert outputs(runs["killed"], "deep") == outputs(runs["uninterrupted"], "deep")
-    for killed, reference in zip(weights(runs["killed"], "deep"), weights(runs["uninterrupted"], "deep")):
+    assert outputs(runs["killed"], variant) == outputs(runs["uninterrupted"], variant)
+    for killed, reference in zip(weights(runs["killed"], variant), weights(runs["uninterrupted"], variant)):
         np.testing.assert_array_equal(killed, reference)
 
 
@@ -80,7 +84,7 @@ def test_a_checkpoint_of_other_params_is_not_resumed(tmp_path, monkeypatch):
             break
     stage.send_signal(signal.SIGKILL)
     stage.wait(timeout=60)
-    assert train.checkpoint_dir("small").is_dir()
+    assert paths.checkpoint_dir("small").is_dir()
 
     params = yaml.safe_load(Path("params.yaml").read_text())
     params["variants"]["small"]["learning_rate"] = 0.001

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import yaml
 
 from cifar_archives import FORMATS, make_archive
 from conftest import EVERY_INGREDIENT, setup_project, tiny_params
-from resnet_cifar import evaluate, explore, prepare, train
+from resnet_cifar import evaluate, explore, paths, prepare, train
 from resnet_cifar.params import load_params, variant_spec
 from resnet_cifar.stage import StageError, all_or_nothing, atomic_path
 
@@ -71,18 +72,18 @@ def test_train_and_evaluate_a_100_class_variant(tmp_path, monkeypatch):
     setup_project(tmp_path, monkeypatch, "cifar-100-binary", n_train=200)
     prepare.main([])
     train.main(["small"])
-    assert train.model_path("small").is_file()
-    history = json.loads((train.live_dir("small") / "metrics.json").read_text())
+    assert paths.model_path("small").is_file()
+    history = json.loads((paths.live_dir("small") / "metrics.json").read_text())
     assert history["step"] == 1 and history["parameters"] == 3072 * 16 + 16 + 2 * (16 * 16 + 16) + 16 * 100 + 100
-    timing = json.loads(train.timing_path("small").read_text())
+    timing = json.loads(paths.timing_path("small").read_text())
     assert set(timing) == {"train_seconds", "seconds_per_epoch", "peak_memory_mb", "precision"}
     assert timing["precision"] == train.resolve_precision("auto") and timing["peak_memory_mb"] > 100
     evaluate.main(["small"])
-    metrics = json.loads(evaluate.evaluate_path("small").read_text())
+    metrics = json.loads(paths.evaluate_path("small").read_text())
     assert len(metrics["test"]["per_class_accuracy"]) == 100
     assert metrics["test"]["top5_accuracy"] >= metrics["test"]["accuracy"]
     assert metrics["overfit_gap"] == pytest.approx(metrics["train"]["accuracy"] - metrics["test"]["accuracy"], abs=1e-4)
-    assert len(evaluate.confusion_path("small").read_text().splitlines()) == 1 + 10
+    assert len(paths.confusion_path("small").read_text().splitlines()) == 1 + 10
 
 
 def test_every_ingredient_trains_saves_and_evaluates(tmp_path, monkeypatch):
@@ -90,8 +91,8 @@ def test_every_ingredient_trains_saves_and_evaluates(tmp_path, monkeypatch):
     prepare.main([])
     train.main(["deep"])
     evaluate.main(["deep"])
-    metrics = json.loads(evaluate.evaluate_path("deep").read_text())
-    model = evaluate.load_trained(train.model_path("deep"))
+    metrics = json.loads(paths.evaluate_path("deep").read_text())
+    model = keras.models.load_model(paths.model_path("deep"))  # with its optimizer
     assert isinstance(model.optimizer, keras.optimizers.AdamW)
     assert {"stage2_block2_norm", "final_norm"} <= {layer.name for layer in model.layers}
     data = prepare.load_prepared()
@@ -116,6 +117,10 @@ def test_learning_rate_warms_up_then_decays():
     constant = train.learning_rate(dataclasses.replace(spec, schedule="constant"), steps_per_epoch=5)
     assert float(constant(5)) == pytest.approx(0.005) and float(constant(50)) == pytest.approx(0.01)
     assert train.learning_rate(dataclasses.replace(spec, schedule="constant", warmup_epochs=0), 5) == 0.01
+    linear = train.learning_rate(dataclasses.replace(spec, schedule="linear"), steps_per_epoch=5)
+    assert float(linear(5)) == pytest.approx(0.005) and float(linear(20)) == pytest.approx(0.0075)
+    assert float(schedule(20)) == pytest.approx(0.01 * (1 + math.cos(math.pi / 4)) / 2)  # cosine, a quarter in
+    assert float(linear(50)) == pytest.approx(0, abs=1e-9)
 
 
 @pytest.mark.parametrize("flags, expected", [("fpu avx512f avx512_bf16 sse", "bfloat16"),
@@ -144,21 +149,21 @@ def test_diverging_training_stops_and_saves_nothing(tmp_path, monkeypatch):
     prepare.main([])
     with pytest.raises(StageError, match=r"variant small: training diverged \(loss nan\) in epoch 1"):
         train.main(["small"])
-    assert not train.model_path("small").exists()
-    assert not train.live_dir("small").exists()
-    assert not train.timing_path("small").exists()
+    assert not paths.model_path("small").exists()
+    assert not paths.live_dir("small").exists()
+    assert not paths.timing_path("small").exists()
 
 
 def test_corrupt_inputs_name_the_file_and_the_fix(tmp_path, monkeypatch):
     setup_project(tmp_path, monkeypatch, "cifar-10-binary")
     prepare.main([])
-    x_train = prepare.PREPARED_DIR / "x_train.npy"
+    x_train = paths.PREPARED_DIR / "x_train.npy"
     x_train.write_bytes(x_train.read_bytes()[:1000])
     with pytest.raises(StageError, match=r"data/prepared/x_train.npy: missing or corrupt .*`dvc repro -f prepare`"):
         train.main(["small"])
     prepare.main([])
     train.main(["small"])
-    model = train.model_path("small")
+    model = paths.model_path("small")
     whole = model.read_bytes()
     for corrupt in (whole[: len(whole) // 2], np.random.default_rng(0).bytes(4096)):
         model.write_bytes(corrupt)
@@ -203,8 +208,8 @@ def test_ctrl_c_during_training_leaves_no_output(tmp_path, monkeypatch):
     output = stage.communicate(timeout=60)[0]
     assert stage.returncode == 130, output
     assert "interrupted: no output was written" in output
-    assert not train.model_path("small").exists()
-    assert not train.live_dir("small").exists()
+    assert not paths.model_path("small").exists()
+    assert not paths.live_dir("small").exists()
     assert not Path("models").exists() or not any(Path("models").iterdir())
 
 
@@ -232,8 +237,8 @@ def test_ctrl_c_during_evaluation_leaves_no_output(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "write_confusion", interrupted)  # after evaluate.json is written
     with pytest.raises(KeyboardInterrupt):
         evaluate.main(["small"])
-    assert not evaluate.evaluate_path("small").exists()
-    assert not evaluate.confusion_path("small").exists()
+    assert not paths.evaluate_path("small").exists()
+    assert not paths.confusion_path("small").exists()
 
 
 def test_report_compares_each_variant_with_its_closest_predecessor():

@@ -1,4 +1,4 @@
-"""Random changes to training batches: flips, translations and mixup.
+"""Random changes to training batches: flips, translations, crops and mixup.
 
 Every random draw is stateless, from a seed that `train` derives from (params seed, epoch,
 batch), so a resumed run augments exactly as an uninterrupted one would.
@@ -13,10 +13,11 @@ def flip(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     return tf.where(mirrored, tf.reverse(images, axis=[2]), images)
 
 
-def translate(images: tf.Tensor, pixels: int, seed: tf.Tensor) -> tf.Tensor:
-    """Shift each image by up to `pixels` rows and columns either way, filling with zeros."""
+def translate(images: tf.Tensor, pixels: int, seed: tf.Tensor, fill: str = "CONSTANT") -> tf.Tensor:
+    """Shift each image by up to `pixels` rows and columns either way: a random crop of the
+    image padded by `pixels`, with zeros ("CONSTANT") or its own mirror image ("REFLECT")."""
     count, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
-    padded = tf.pad(images, [[0, 0], [pixels, pixels], [pixels, pixels], [0, 0]])
+    padded = tf.pad(images, [[0, 0], [pixels, pixels], [pixels, pixels], [0, 0]], mode=fill)
     offsets = tf.random.stateless_uniform([2, count], seed, 0, 2 * pixels + 1, dtype=tf.int32)
     rows = offsets[0][:, None] + tf.range(height)[None, :]
     columns = offsets[1][:, None] + tf.range(width)[None, :]
@@ -35,14 +36,18 @@ def mixup(images: tf.Tensor, labels: tf.Tensor, alpha: float, seed: tf.Tensor):
             weight * labels + (1 - weight) * tf.gather(labels, partners))
 
 
-def augment(images: tf.Tensor, labels: tf.Tensor, flips: bool, pixels: int, alpha: float,
-            seed: tf.Tensor):
-    """The batch with the augmentations that are on (flips, translations, mixup) applied."""
-    flip_seed, translate_seed, mixup_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+def augment(images: tf.Tensor, labels: tf.Tensor, flips: bool, pixels: int, crop_pixels: int,
+            alpha: float, seed: tf.Tensor):
+    """The batch with the augmentations that are on (flips, translations, reflect-padded crops,
+    mixup) applied."""
+    flip_seed, translate_seed, mixup_seed, crop_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, 4))
     if flips:
         images = flip(images, flip_seed)
     if pixels:
         images = translate(images, pixels, translate_seed)
+    if crop_pixels:
+        images = translate(images, crop_pixels, crop_seed, fill="REFLECT")
     if alpha:
         images, labels = mixup(images, labels, alpha, mixup_seed)
     return images, labels

@@ -34,9 +34,9 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from resnet_cifar.params import data_params, load_params
+from resnet_cifar.paths import raw_path
 from resnet_cifar.stage import StageError, atomic_path, run
 
-RAW_DIR = Path("data/raw")
 OFFICIAL_URL_BASE = "https://www.cs.toronto.edu/~kriz/"
 OFFICIAL_ARCHIVE_MD5S = {
     "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
@@ -370,11 +370,6 @@ def _class_names(data: bytes, key: bytes, where: str) -> list[str]:
         raise DataError(f"{where}: expected a list of class names under {key!r}, "
                         f"found {type(names).__name__}")
     return [name.decode(errors="replace").strip() for name in names if name.strip()]
-
-
-def raw_path(dataset: str) -> Path:
-    """Where the download stage writes `dataset`'s arrays."""
-    return RAW_DIR / f"{dataset}.npz"
 
 
 def load_raw(path: Path) -> dict[str, np.ndarray]:

@@ -4,7 +4,8 @@
 
 Writes metrics/variants/<variant>/evaluate.json (train/test loss and accuracy, per-class test
 accuracy, top-5 accuracy when there are 100 classes) and confusion.csv (one row per test image,
-for DVC's confusion-matrix plot).
+for DVC's confusion-matrix plot). With the variant's `tta`, every prediction is the mean of the
+predictions for the image and its mirror image.
 """
 
 import csv
@@ -16,24 +17,16 @@ import keras
 import numpy as np
 
 from resnet_cifar.params import load_params, variant_spec
+from resnet_cifar.paths import confusion_path, evaluate_path, model_path
 from resnet_cifar.prepare import load_prepared
 from resnet_cifar.stage import StageError, all_or_nothing, atomic_path, run
-from resnet_cifar.train import VARIANTS_DIR, model_path
 
 BATCH_SIZE = 1024
 
 
-def evaluate_path(variant: str) -> Path:
-    return VARIANTS_DIR / variant / "evaluate.json"
-
-
-def confusion_path(variant: str) -> Path:
-    return VARIANTS_DIR / variant / "confusion.csv"
-
-
 def load_trained(path: Path) -> keras.Model:
     try:
-        return keras.models.load_model(path)
+        return keras.models.load_model(path, compile=False)  # predictions need no optimizer
     except (OSError, ValueError, zipfile.BadZipFile) as err:
         raise StageError(f"{path}: cannot load the model ({err}); "
                          f"rebuild it with `dvc repro -f train@{path.stem}`") from None
@@ -56,7 +49,16 @@ def cross_entropy(labels: np.ndarray, probabilities: np.ndarray) -> float:
     return float(np.mean(-np.sum(labels * np.log(clipped), axis=1)))
 
 
-def evaluate(model: keras.Model, data: dict) -> tuple[dict, np.ndarray, np.ndarray]:
+def predict(model: keras.Model, images: np.ndarray, tta: bool) -> np.ndarray:
+    """Class probabilities; with `tta`, the mean of those of the image and its mirror image."""
+    probabilities = model.predict(images, batch_size=BATCH_SIZE, verbose=0)
+    if tta:
+        mirrored = model.predict(images[:, :, ::-1], batch_size=BATCH_SIZE, verbose=0)
+        probabilities = (probabilities + mirrored) / 2
+    return probabilities
+
+
+def evaluate(model: keras.Model, data: dict, tta: bool = False) -> tuple[dict, np.ndarray, np.ndarray]:
     """The metrics, with the test set's true and predicted class ids."""
     # The assignment's loss (model.evaluate's): cross-entropy plus the L2 penalty of regularized
     # variants; without the label smoothing a variant may train with, so all stay comparable.
@@ -64,7 +66,7 @@ def evaluate(model: keras.Model, data: dict) -> tuple[dict, np.ndarray, np.ndarr
     metrics = {}
     for split in ("train", "test"):
         labels = data[f"y_{split}"]
-        probabilities = model.predict(data[f"x_{split}"], batch_size=BATCH_SIZE, verbose=0)
+        probabilities = predict(model, data[f"x_{split}"], tta)
         loss = cross_entropy(labels, probabilities) + penalty
         accuracy = float(np.mean(np.argmax(probabilities, axis=1) == np.argmax(labels, axis=1)))
         metrics[split] = {"loss": round(loss, 4), "accuracy": round(accuracy, 4)}
@@ -91,9 +93,10 @@ def write_confusion(path: Path, true_ids: np.ndarray, predicted_ids: np.ndarray,
 def main(argv: list[str]) -> None:
     if len(argv) != 1:
         raise StageError("usage: python -m resnet_cifar.evaluate <variant>")
-    variant = variant_spec(load_params(), argv[0]).name  # validates the variant's params
+    spec = variant_spec(load_params(), argv[0])  # validates the variant's params
+    variant = spec.name
     data = load_prepared()
-    metrics, true_ids, predicted_ids = evaluate(load_trained(model_path(variant)), data)
+    metrics, true_ids, predicted_ids = evaluate(load_trained(model_path(variant)), data, spec.tta)
     with all_or_nothing(evaluate_path(variant), confusion_path(variant)):
         with atomic_path(evaluate_path(variant)) as tmp:
             tmp.write_text(json.dumps(metrics, indent=2) + "\n")

@@ -7,28 +7,18 @@ per-channel pixel histograms.
 """
 
 import json
-from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from resnet_cifar.data import load_raw
+from resnet_cifar.params import data_params, load_params
+from resnet_cifar.paths import EXPLORE_FIGURES_DIR as PLOTS_DIR
+from resnet_cifar.paths import EXPLORE_JSON, raw_path
+from resnet_cifar.plots import plt, save_figure
+from resnet_cifar.prepare import SPLITS, labels_and_classes
+from resnet_cifar.stage import all_or_nothing, atomic_path, run
 
-from resnet_cifar.data import load_raw, raw_path  # noqa: E402
-from resnet_cifar.params import data_params, load_params  # noqa: E402
-from resnet_cifar.prepare import SPLITS, labels_and_classes  # noqa: E402
-from resnet_cifar.stage import all_or_nothing, atomic_path, run  # noqa: E402
-
-EXPLORE_JSON = Path("metrics/explore.json")
-PLOTS_DIR = Path("metrics/explore")
 CHANNELS = ("red", "green", "blue")
-
-
-def save_figure(fig: plt.Figure, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def image_grid(images: np.ndarray, titles: list[str], rows: int, cols: int) -> plt.Figure:

@@ -1,32 +1,122 @@
-"""Reads params.yaml and validates it; every error names the params.yaml key at fault."""
+"""Reads params.yaml and validates it; every error names the params.yaml key at fault.
 
-from dataclasses import dataclass
+Each key of a variant is declared once, as a field of `VariantSpec` with the check that
+validates it; its default is the value under `train:` in params.yaml.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from resnet_cifar.paths import PARAMS_FILE
 from resnet_cifar.stage import StageError
 
-PARAMS_FILE = Path("params.yaml")
 TOP_LEVEL_KEYS = ("seed", "data", "train", "variants")
 DATASETS = ("cifar10", "cifar100")
 LABEL_MODES = ("fine", "coarse")
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine")
-PRECISIONS = ("auto", "float32", "bfloat16")
-ACTIVATIONS = ("relu", "gelu")
-NORMS = ("none", "layer", "batch")
+NETWORK, INPUT, OPTIMIZATION, EVALUATION = "network", "input", "optimization", "evaluation"
 
 
 class ParamsError(StageError):
     """A missing, unknown or out-of-range value in params.yaml."""
 
 
-@dataclass(frozen=True)
-class DataParams:
-    dataset: str
-    label_mode: str
+def _fail(key: str, expected: str, got: Any) -> None:
+    raise ParamsError(f"params.yaml: {key}: expected {expected}, got {got!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# Checks: each takes (value, params.yaml path) and returns the value as the spec holds it.
+Check = Callable[[Any, str], Any]
+
+
+def positive_int(value: Any, where: str) -> int:
+    if not _is_int(value) or value <= 0:
+        _fail(where, "a positive integer", value)
+    return value
+
+
+def int_in(low: int, high: int, expected: str) -> Check:
+    def check(value: Any, where: str) -> int:
+        if not _is_int(value) or not low <= value < high:
+            _fail(where, expected, value)
+        return value
+    return check
+
+
+def boolean(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        _fail(where, "true or false", value)
+    return value
+
+
+def choice(*options: str) -> Check:
+    def check(value: Any, where: str) -> str:
+        if value not in options:
+            _fail(where, "one of " + ", ".join(options), value)
+        return value
+    return check
+
+
+def number(low: float, high: float = float("inf"), low_open: bool = False, high_open: bool = False) -> Check:
+    left, right = "(" if low_open else "[", ")" if high_open or high == float("inf") else "]"
+    expected = f"a number in {left}{low:g}, {high:g}{right}"
+
+    def check(value: Any, where: str) -> float:
+        in_range = _is_number(value) and (low < value if low_open else low <= value) and (
+            value < high if high_open else value <= high)
+        if not in_range:
+            _fail(where, expected, value)
+        return float(value)
+    return check
+
+
+def check_widths(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value:
+        _fail(where, "a non-empty list of layer widths", value)
+    for i, width in enumerate(value):
+        if not _is_int(width) or width <= 0:
+            _fail(f"{where}[{i}]", "a positive integer width", width)
+    return tuple(value)
+
+
+def per_width(check: Check) -> Check:
+    """One value for every width, or a list of one value per width (its length is checked
+    against `widths` once both are known)."""
+    def check_each(value: Any, where: str) -> tuple:
+        if isinstance(value, list):
+            return tuple(check(item, f"{where}[{i}]") for i, item in enumerate(value))
+        return (check(value, where),)
+    return check_each
+
+
+def check_blocks(value: Any, where: str) -> tuple[int, ...]:
+    """Residual blocks per stage: one positive number for every stage, or a list (0: none)."""
+    if isinstance(value, list):
+        return tuple(int_in(0, 1000, "an integer >= 0")(count, f"{where}[{i}]") for i, count in enumerate(value))
+    return (positive_int(value, where),)
+
+
+def check_validation(value: Any, where: str) -> str | float:
+    if value == "test":
+        return value
+    if not _is_number(value) or not 0 < value < 1:
+        _fail(where, "'test' or a fraction in (0, 1) of train to hold out", value)
+    return float(value)
+
+
+def key(check: Check, group: str) -> Any:
+    return field(metadata={"check": check, "group": group})
 
 
 @dataclass(frozen=True)
@@ -35,30 +125,54 @@ class VariantSpec:
 
     name: str
     seed: int
-    # the network
-    widths: tuple[int, ...]
-    blocks: int  # residual blocks per width
-    expansion: float  # a block's first Dense has round(expansion * width) units
-    activation: str
-    norm: str  # none | layer | batch
-    prenorm: bool  # block x + f(norm(x)) instead of act(f(x) + x)
-    dropout: float
-    l2: tuple[float, ...]  # one factor per transition Dense
-    # the data it sees
-    flip: bool
-    translate: int  # pixels
-    mixup: float  # Beta(mixup, mixup) mixing weights; 0: off
+    # the network: build_model's arguments
+    arch: str = key(choice("dense", "conv"), NETWORK)
+    widths: tuple[int, ...] = key(check_widths, NETWORK)  # dense: units per stage; conv: filters per stage
+    blocks: tuple[int, ...] = key(check_blocks, NETWORK)  # residual blocks per stage
+    stem: int = key(positive_int, NETWORK)  # conv: filters of the stem convolution
+    downsample: str = key(choice("stride", "pool"), NETWORK)  # conv: how a stage halves the image
+    expansion: float = key(number(0.0, low_open=True), NETWORK)  # dense: a block's hidden width factor
+    activation: str = key(choice("relu", "gelu"), NETWORK)
+    norm: str = key(choice("none", "layer", "batch"), NETWORK)
+    prenorm: bool = key(boolean, NETWORK)  # x + f(norm(x)) blocks (pre-activation, for conv)
+    dropout: float = key(number(0.0, 1.0, high_open=True), NETWORK)  # dense: after each transition
+    l2: tuple[float, ...] = key(per_width(number(0.0)), NETWORK)  # dense: one factor per transition
+    # the input it sees
+    standardize: bool = key(boolean, INPUT)  # per-channel, with the training images' mean and std
+    flip: bool = key(boolean, INPUT)
+    translate: int = key(int_in(0, 16, "an integer number of pixels in [0, 16)"), INPUT)  # zero-filled
+    crop: int = key(int_in(0, 16, "an integer number of pixels in [0, 16)"), INPUT)  # reflect-padded
+    mixup: float = key(number(0.0), INPUT)  # Beta(mixup, mixup) mixing weights; 0: off
     # the optimization
-    epochs: int
-    batch_size: int
-    optimizer: str
-    learning_rate: float  # the peak, after warm-up
-    weight_decay: float  # adamw's decoupled weight decay
-    warmup_epochs: int
-    schedule: str  # constant | cosine
-    label_smoothing: float
-    precision: str  # auto | float32 | bfloat16
-    validation: str | float  # "test", or the fraction of train held out
+    epochs: int = key(positive_int, OPTIMIZATION)
+    batch_size: int = key(positive_int, OPTIMIZATION)
+    optimizer: str = key(choice("adam", "adamw", "sgd", "nesterov"), OPTIMIZATION)
+    learning_rate: float = key(number(0.0, low_open=True), OPTIMIZATION)  # the peak, after warm-up
+    weight_decay: float = key(number(0.0), OPTIMIZATION)  # decoupled: w -= lr * weight_decay * w
+    warmup_epochs: int = key(int_in(0, 1_000_000, "an integer in [0, epochs)"), OPTIMIZATION)
+    schedule: str = key(choice("constant", "cosine", "linear"), OPTIMIZATION)
+    label_smoothing: float = key(number(0.0, 1.0, high_open=True), OPTIMIZATION)
+    ema: float = key(number(0.0, 1.0, high_open=True), OPTIMIZATION)  # momentum of the weight average
+    precision: str = key(choice("auto", "float32", "bfloat16"), OPTIMIZATION)
+    validation: str | float = key(check_validation, OPTIMIZATION)  # "test", or the fraction of train held out
+    # the evaluation
+    tta: bool = key(boolean, EVALUATION)  # mean prediction of the image and its mirror
+
+    def group(self, name: str) -> dict[str, Any]:
+        """The variant's keys of one group (NETWORK: the model builder's arguments)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("group") == name}
+
+
+VARIANT_KEYS = tuple(f.name for f in fields(VariantSpec) if f.metadata)
+TRAIN_KEYS = tuple(name for name in VARIANT_KEYS if name != "widths")  # widths are each variant's own
+WEIGHT_DECAY_OPTIMIZERS = ("adamw", "sgd", "nesterov")
+DENSE_ONLY = {"expansion": 1.0, "dropout": 0.0}  # and l2: each with its value that means "off"
+
+
+@dataclass(frozen=True)
+class DataParams:
+    dataset: str
+    label_mode: str
 
 
 def load_params(path: Path = PARAMS_FILE) -> dict:
@@ -72,9 +186,8 @@ def load_params(path: Path = PARAMS_FILE) -> dict:
     if not isinstance(params, dict):
         raise ParamsError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
     _check_keys(params, TOP_LEVEL_KEYS, TOP_LEVEL_KEYS, where="")
-    seed = params["seed"]
-    if not _is_int(seed) or seed < 0:
-        _fail("seed", "an integer >= 0", seed)
+    if not _is_int(params["seed"]) or params["seed"] < 0:
+        _fail("seed", "an integer >= 0", params["seed"])
     return params
 
 
@@ -82,18 +195,11 @@ def data_params(params: dict) -> DataParams:
     """The validated `data` section."""
     section = _section(params, "data")
     _check_keys(section, ("dataset", "label_mode"), ("dataset", "label_mode"), where="data")
-    dataset = _choice(section["dataset"], DATASETS, "data.dataset")
-    label_mode = _choice(section["label_mode"], LABEL_MODES, "data.label_mode")
+    dataset = choice(*DATASETS)(section["dataset"], "data.dataset")
+    label_mode = choice(*LABEL_MODES)(section["label_mode"], "data.label_mode")
     if label_mode == "coarse" and dataset != "cifar100":
         _fail("data.label_mode", "'fine' for cifar10 (only cifar100 has coarse labels)", label_mode)
     return DataParams(dataset, label_mode)
-
-
-TRAIN_KEYS = ("epochs", "batch_size", "optimizer", "learning_rate", "weight_decay", "warmup_epochs",
-              "schedule", "label_smoothing", "precision", "validation",
-              "blocks", "expansion", "activation", "norm", "prenorm", "dropout", "l2",
-              "flip", "translate", "mixup")
-VARIANT_KEYS = ("widths",) + TRAIN_KEYS
 
 
 def variant_names(params: dict) -> list[str]:
@@ -103,10 +209,16 @@ def variant_names(params: dict) -> list[str]:
     return list(variants)
 
 
-def variant_spec(params: dict, name: str) -> VariantSpec:
-    """The validated spec of variant `name`: `train` defaults overridden by `variants.<name>`."""
+def train_defaults(params: dict) -> dict:
+    """The validated-for-shape `train` section: every key but widths, each once."""
     defaults = _section(params, "train")
     _check_keys(defaults, TRAIN_KEYS, TRAIN_KEYS, where="train")
+    return defaults
+
+
+def variant_spec(params: dict, name: str) -> VariantSpec:
+    """The validated spec of variant `name`: `train` defaults overridden by `variants.<name>`."""
+    defaults = train_defaults(params)
     variants = _section(params, "variants")
     if name not in variants:
         raise ParamsError(f"params.yaml: variants.{name}: no such variant (have: {', '.join(variants)})")
@@ -115,101 +227,27 @@ def variant_spec(params: dict, name: str) -> VariantSpec:
         _fail(f"variants.{name}", "a mapping of overrides", overrides)
     _check_keys(overrides, VARIANT_KEYS, ("widths",), where=f"variants.{name}")
 
-    def value(key: str) -> tuple[Any, str]:
-        """The effective value of `key` and the params.yaml path it came from."""
-        if key in overrides:
-            return overrides[key], f"variants.{name}.{key}"
-        return defaults[key], f"train.{key}"
-
-    widths, where = value("widths")
-    if not isinstance(widths, list) or not widths:
-        _fail(where, "a non-empty list of layer widths", widths)
-    for i, width in enumerate(widths):
-        if not _is_int(width) or width <= 0:
-            _fail(f"{where}[{i}]", "a positive integer width", width)
-
-    dropout, where = value("dropout")
-    _number(dropout, where, low=0.0, high=1.0, high_open=True)
-
-    l2, where = value("l2")
-    l2_factors = tuple(l2) if isinstance(l2, list) else (l2,) * len(widths)
-    if len(l2_factors) != len(widths):
-        raise ParamsError(
-            f"params.yaml: {where}: expected {len(widths)} values (one per width), got {len(l2_factors)}"
-        )
-    for i, factor in enumerate(l2_factors):
-        _number(factor, f"{where}[{i}]" if isinstance(l2, list) else where, low=0.0)
-
-    blocks, where = value("blocks")
-    _positive_int(blocks, where)
-    expansion, where = value("expansion")
-    _number(expansion, where, low=0.0, low_open=True)
-    activation, where = value("activation")
-    _choice(activation, ACTIVATIONS, where)
-    norm, where = value("norm")
-    _choice(norm, NORMS, where)
-    prenorm, where = value("prenorm")
-    _boolean(prenorm, where)
-
-    flip, where = value("flip")
-    _boolean(flip, where)
-    translate, where = value("translate")
-    if not _is_int(translate) or not 0 <= translate < 16:
-        _fail(where, "an integer number of pixels in [0, 16)", translate)
-    mixup, where = value("mixup")
-    _number(mixup, where, low=0.0)
-
-    epochs, where = value("epochs")
-    _positive_int(epochs, where)
-    batch_size, where = value("batch_size")
-    _positive_int(batch_size, where)
-    optimizer, where = value("optimizer")
-    _choice(optimizer, OPTIMIZERS, where)
-    learning_rate, where = value("learning_rate")
-    _number(learning_rate, where, low=0.0, low_open=True)
-    weight_decay, where = value("weight_decay")
-    _number(weight_decay, where, low=0.0)
-    if weight_decay and optimizer != "adamw":
-        _fail(where, f"0 with optimizer {optimizer} (weight decay is adamw's)", weight_decay)
-    warmup_epochs, where = value("warmup_epochs")
-    if not _is_int(warmup_epochs) or not 0 <= warmup_epochs < epochs:
-        _fail(where, f"an integer in [0, epochs) = [0, {epochs})", warmup_epochs)
-    schedule, where = value("schedule")
-    _choice(schedule, SCHEDULES, where)
-    label_smoothing, where = value("label_smoothing")
-    _number(label_smoothing, where, low=0.0, high=1.0, high_open=True)
-    precision, where = value("precision")
-    _choice(precision, PRECISIONS, where)
-    validation, where = value("validation")
-    if validation != "test":
-        _number(validation, where, low=0.0, high=1.0, low_open=True, high_open=True,
-                expected="'test' or a fraction in (0, 1) of train to hold out")
-
-    return VariantSpec(
-        name=name,
-        seed=params["seed"],
-        widths=tuple(widths),
-        blocks=blocks,
-        expansion=float(expansion),
-        activation=activation,
-        norm=norm,
-        prenorm=prenorm,
-        dropout=float(dropout),
-        l2=tuple(float(f) for f in l2_factors),
-        flip=flip,
-        translate=translate,
-        mixup=float(mixup),
-        epochs=epochs,
-        batch_size=batch_size,
-        optimizer=optimizer,
-        learning_rate=float(learning_rate),
-        weight_decay=float(weight_decay),
-        warmup_epochs=warmup_epochs,
-        schedule=schedule,
-        label_smoothing=float(label_smoothing),
-        precision=precision,
-        validation=validation if validation == "test" else float(validation),
-    )
+    where = {k: f"variants.{name}.{k}" if k in overrides else f"train.{k}" for k in VARIANT_KEYS}
+    merged = {**defaults, **overrides}
+    values = {f.name: f.metadata["check"](merged[f.name], where[f.name]) for f in fields(VariantSpec) if f.metadata}
+    n = len(values["widths"])
+    for per_stage in ("blocks", "l2"):  # one value for all widths, or exactly one per width
+        if len(values[per_stage]) == 1:
+            values[per_stage] *= n
+        elif len(values[per_stage]) != n:
+            raise ParamsError(f"params.yaml: {where[per_stage]}: expected {n} values (one per width), "
+                              f"got {len(values[per_stage])}")
+    if values["warmup_epochs"] >= values["epochs"]:
+        _fail(where["warmup_epochs"], f"an integer in [0, epochs) = [0, {values['epochs']})",
+              values["warmup_epochs"])
+    if values["weight_decay"] and values["optimizer"] not in WEIGHT_DECAY_OPTIMIZERS:
+        _fail(where["weight_decay"], f"0 with optimizer {values['optimizer']} (weight decay is adamw's)",
+              values["weight_decay"])
+    if values["arch"] == "conv":
+        for dense_key, off in {**DENSE_ONLY, "l2": (0.0,) * n}.items():
+            if values[dense_key] != off:
+                _fail(where[dense_key], f"{off} with arch conv (a dense network's key)", values[dense_key])
+    return VariantSpec(name=name, seed=params["seed"], **values)
 
 
 def _section(params: dict, key: str) -> dict:
@@ -221,48 +259,11 @@ def _section(params: dict, key: str) -> dict:
 
 def _check_keys(section: dict, allowed: tuple, required: tuple, where: str) -> None:
     prefix = f"{where}." if where else ""
-    for key in section:
-        if key not in allowed:
+    for name in section:
+        if name not in allowed:
             raise ParamsError(
-                f"params.yaml: {prefix}{key}: unknown key (expected one of: {', '.join(allowed)})"
+                f"params.yaml: {prefix}{name}: unknown key (expected one of: {', '.join(allowed)})"
             )
-    for key in required:
-        if key not in section:
-            raise ParamsError(f"params.yaml: {prefix}{key}: missing")
-
-
-def _fail(key: str, expected: str, got: Any) -> None:
-    raise ParamsError(f"params.yaml: {key}: expected {expected}, got {got!r}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _positive_int(value: Any, key: str) -> None:
-    if not _is_int(value) or value <= 0:
-        _fail(key, "a positive integer", value)
-
-
-def _boolean(value: Any, key: str) -> None:
-    if not isinstance(value, bool):
-        _fail(key, "true or false", value)
-
-
-def _choice(value: Any, options: tuple, key: str) -> str:
-    if value not in options:
-        _fail(key, "one of " + ", ".join(options), value)
-    return value
-
-
-def _number(value: Any, key: str, low: float, high: float = float("inf"),
-            low_open: bool = False, high_open: bool = False, expected: str = "") -> None:
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    in_range = is_number and (low < value if low_open else low <= value) and (
-        value < high if high_open else value <= high)
-    if not in_range:
-        if not expected:
-            left = "(" if low_open else "["
-            right = ")" if high_open or high == float("inf") else "]"
-            expected = f"a number in {left}{low:g}, {high:g}{right}"
-        _fail(key, expected, value)
+    for name in required:
+        if name not in section:
+            raise ParamsError(f"params.yaml: {prefix}{name}: missing")

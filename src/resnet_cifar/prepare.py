@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from resnet_cifar.data import load_raw, raw_path
+from resnet_cifar.data import load_raw
 from resnet_cifar.params import data_params, load_params
+from resnet_cifar.paths import PREPARED_DIR, raw_path
 from resnet_cifar.stage import StageError, atomic_path, run
 
-PREPARED_DIR = Path("data/prepared")
 SPLITS = ("train", "test")
 
 

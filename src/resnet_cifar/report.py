@@ -11,22 +11,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from resnet_cifar.evaluate import evaluate_path  # noqa: E402
-from resnet_cifar.explore import save_figure  # noqa: E402
-from resnet_cifar.params import VariantSpec, load_params, variant_names, variant_spec  # noqa: E402
-from resnet_cifar.stage import StageError, all_or_nothing, atomic_path, run  # noqa: E402
-from resnet_cifar.train import live_dir, timing_path  # noqa: E402
-
-REPORT_MD = Path("metrics/report.md")
-FIGURES_DIR = Path("metrics/report")
+from resnet_cifar.params import VariantSpec, load_params, variant_names, variant_spec
+from resnet_cifar.paths import REPORT_FIGURES_DIR as FIGURES_DIR
+from resnet_cifar.paths import REPORT_MD, evaluate_path, live_dir, timing_path
+from resnet_cifar.plots import plt, save_figure
+from resnet_cifar.stage import StageError, all_or_nothing, atomic_path, run
 COMPARED_FIELDS = tuple(f.name for f in dataclasses.fields(VariantSpec) if f.name not in ("name", "seed"))
-TABLE_FIELDS = ("widths", "learning_rate", "dropout", "l2")  # the rest appear under "recipe"
+TABLE_FIELDS = ("arch", "widths", "learning_rate", "dropout", "l2")  # the rest appear under "recipe"
+PER_WIDTH_FIELDS = ("blocks", "l2")  # one value per width: (1, 1) and (1, 1, 1, 1) are the same setting
 NEGLIGIBLE = 0.005  # accuracy changes under half a point are noise between seeds
 
 
@@ -127,16 +121,20 @@ def _value_text(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def _per_width_text(values: tuple) -> str:
+    """One value when every width has it, else the list."""
+    return _value_text(values[0]) if len(set(values)) == 1 else "[" + ", ".join(map(_value_text, values)) + "]"
+
+
 def _l2_text(factors: tuple[float, ...]) -> str:
-    if not any(factors):
-        return "none"
-    return f"{factors[0]:g}" if len(set(factors)) == 1 else "[" + ", ".join(f"{f:g}" for f in factors) + "]"
+    return _per_width_text(factors) if any(factors) else "none"
 
 
 def changed_fields(a: VariantSpec, b: VariantSpec) -> list[str]:
-    # L2 factors come one per width: no L2 on 2 widths is the same setting as none on 4.
-    return [field for field in COMPARED_FIELDS if (_l2_text(a.l2) != _l2_text(b.l2) if field == "l2"
-                                                   else getattr(a, field) != getattr(b, field))]
+    def setting(spec: VariantSpec, field: str):
+        value = getattr(spec, field)
+        return _per_width_text(value) if field in PER_WIDTH_FIELDS else value
+    return [field for field in COMPARED_FIELDS if setting(a, field) != setting(b, field)]
 
 
 def _parameters_change(reference: Result, result: Result) -> str:
@@ -204,7 +202,10 @@ def overview(results: list[Result]) -> list[str]:
 
 def recipe(spec: VariantSpec, reference: VariantSpec) -> str:
     """The settings outside the table's columns where `spec` differs from `reference`."""
-    return ", ".join(f"{field.replace('_', ' ')} {_value_text(getattr(spec, field))}"
+    def text(field: str) -> str:
+        value = getattr(spec, field)
+        return _per_width_text(value) if field in PER_WIDTH_FIELDS else _value_text(value)
+    return ", ".join(f"{field.replace('_', ' ')} {text(field)}"
                      for field in changed_fields(reference, spec) if field not in TABLE_FIELDS) or "-"
 
 

@@ -33,34 +33,13 @@ from dvclive.utils import standardize_metric_name
 
 from resnet_cifar.augment import augment
 from resnet_cifar.models import build_model
-from resnet_cifar.params import VariantSpec, load_params, variant_spec
+from resnet_cifar.params import NETWORK, VariantSpec, load_params, variant_spec
+from resnet_cifar.paths import checkpoint_dir, live_dir, model_path, summary_path, timing_path
 from resnet_cifar.prepare import load_prepared
 from resnet_cifar.stage import StageError, all_or_nothing, atomic_path, run
 
-MODELS_DIR = Path("models")
-VARIANTS_DIR = Path("metrics/variants")
-CHECKPOINTS_DIR = Path(".dvc/tmp/checkpoints")  # outside the stage's outputs, which DVC deletes
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def model_path(variant: str) -> Path:
-    return MODELS_DIR / f"{variant}.keras"
-
-
-def live_dir(variant: str) -> Path:
-    return VARIANTS_DIR / variant / "train"
-
-
-def timing_path(variant: str) -> Path:
-    return VARIANTS_DIR / variant / "train_time.json"
-
-
-def summary_path(variant: str) -> Path:
-    return VARIANTS_DIR / variant / "summary.txt"
-
-
-def checkpoint_dir(variant: str) -> Path:
-    return CHECKPOINTS_DIR / variant
+NESTEROV_MOMENTUM = 0.9  # optimizer `nesterov`: SGD with this Nesterov momentum (He et al., Page)
 
 
 def resolve_precision(precision: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
@@ -95,22 +74,20 @@ def shuffled_batches(x: np.ndarray, y: np.ndarray, spec: VariantSpec, first_epoc
     order and augmentation are set by (seed, epoch) alone, so that a resumed run sees exactly
     the batches an uninterrupted one would."""
     images, labels = tf.constant(x), tf.constant(y)
-    augmented = spec.flip or spec.translate or spec.mixup
+    augmented = spec.flip or spec.translate or spec.crop or spec.mixup
 
     def epoch_batches(epoch):
         epoch_seed = tf.stack([tf.constant(spec.seed, tf.int64), epoch])
         order = tf.random.experimental.stateless_shuffle(tf.range(len(x)), seed=epoch_seed)
-        batches = tf.data.Dataset.from_tensor_slices(order).batch(spec.batch_size).enumerate()
-        return batches.map(lambda step, batch: (tf.random.experimental.stateless_fold_in(epoch_seed, step),
-                                                tf.gather(images, batch), tf.gather(labels, batch)))
-
-    def augmented_batch(seed, images, labels):
-        return augment(images, labels, spec.flip, spec.translate, spec.mixup, seed)
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(spec.batch_size)
+        if not augmented:
+            return batches.map(lambda batch: (tf.gather(images, batch), tf.gather(labels, batch)))
+        return batches.enumerate().map(lambda step, batch: augment(
+            tf.gather(images, batch), tf.gather(labels, batch), spec.flip, spec.translate, spec.crop,
+            spec.mixup, tf.random.experimental.stateless_fold_in(epoch_seed, step)))
 
     batches = tf.data.Dataset.range(first_epoch, spec.epochs).flat_map(epoch_batches)
-    if augmented:
-        return batches.map(augmented_batch).prefetch(tf.data.AUTOTUNE)
-    return batches.map(lambda seed, images, labels: (images, labels)).prefetch(tf.data.AUTOTUNE)
+    return batches.prefetch(tf.data.AUTOTUNE)
 
 
 def fingerprint(spec: VariantSpec, arrays: list[np.ndarray]) -> str:
@@ -204,36 +181,60 @@ class StopOnDivergence(keras.callbacks.Callback):
                              f"{epoch + 1}; lower its learning_rate in params.yaml")
 
 
-def learning_rate(spec: VariantSpec, steps_per_epoch: int) -> float | keras.optimizers.schedules.CosineDecay:
-    """The constant rate, or linear warm-up from 0 to it, then constant or cosine decay to 0."""
+@keras.saving.register_keras_serializable(package="resnet_cifar")
+class WarmupThenDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up from 0 to `peak` over `warmup_steps`, then constant, cosine or linear
+    decay to 0 at `total_steps`."""
+
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int, decay: str):
+        self.peak, self.warmup_steps, self.total_steps, self.decay = peak, warmup_steps, total_steps, decay
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warmup = step / max(self.warmup_steps, 1)
+        progress = tf.clip_by_value((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 0, 1)
+        after = {"constant": tf.constant(1.0), "cosine": 0.5 * (1 + tf.cos(math.pi * progress)),
+                 "linear": 1 - progress}[self.decay]
+        return self.peak * tf.where(step < self.warmup_steps, warmup, after)
+
+    def get_config(self):
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
+                "decay": self.decay}
+
+
+def learning_rate(spec: VariantSpec, steps_per_epoch: int) -> float | WarmupThenDecay:
+    """The constant rate, or linear warm-up from 0 to it, then constant, cosine or linear decay to 0."""
     if spec.schedule == "constant" and not spec.warmup_epochs:
         return spec.learning_rate
-    warmup_steps = spec.warmup_epochs * steps_per_epoch
-    return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if warmup_steps else spec.learning_rate,
-        warmup_target=spec.learning_rate if warmup_steps else None,
-        warmup_steps=warmup_steps,
-        decay_steps=(spec.epochs - spec.warmup_epochs) * steps_per_epoch,
-        alpha=1.0 if spec.schedule == "constant" else 0.0,  # the fraction of the peak kept at the end
-    )
+    return WarmupThenDecay(spec.learning_rate, spec.warmup_epochs * steps_per_epoch,
+                           spec.epochs * steps_per_epoch, spec.schedule)
 
 
 def optimizer(spec: VariantSpec, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    rate = learning_rate(spec, steps_per_epoch)
+    """The variant's optimizer; weight decay is decoupled (Keras's), EMA is Keras's weight average."""
+    common = {"learning_rate": learning_rate(spec, steps_per_epoch), "weight_decay": spec.weight_decay or None}
+    if spec.ema:  # the model ends training with the averaged weights
+        common |= {"use_ema": True, "ema_momentum": spec.ema}
     if spec.optimizer == "adamw":
-        return keras.optimizers.AdamW(learning_rate=rate, weight_decay=spec.weight_decay)
+        return keras.optimizers.AdamW(**common)
     if spec.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate=rate)
-    return keras.optimizers.SGD(learning_rate=rate)
+        return keras.optimizers.Adam(**common)
+    if spec.optimizer == "nesterov":
+        return keras.optimizers.SGD(momentum=NESTEROV_MOMENTUM, nesterov=True, **common)
+    return keras.optimizers.SGD(**common)
 
 
-def compiled_model(spec: VariantSpec, input_shape: tuple, num_classes: int, steps_per_epoch: int) -> keras.Model:
+def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and variance of the training images (float64 sums, for exactness)."""
+    return images.mean(axis=(0, 1, 2), dtype=np.float64), images.var(axis=(0, 1, 2), dtype=np.float64)
+
+
+def compiled_model(spec: VariantSpec, x_fit: np.ndarray, num_classes: int, steps_per_epoch: int) -> keras.Model:
     """The variant's network, compiled to run a whole epoch per call (no Python between steps)."""
     keras.mixed_precision.set_global_policy("mixed_bfloat16" if spec.precision == "bfloat16" else "float32")
-    model = build_model(spec.widths, num_classes=num_classes, input_shape=input_shape,
-                        blocks=spec.blocks, expansion=spec.expansion, activation=spec.activation,
-                        norm=spec.norm, prenorm=spec.prenorm, dropout=spec.dropout, l2=spec.l2,
-                        name=spec.name)
+    model = build_model(num_classes=num_classes, input_shape=x_fit.shape[1:], name=spec.name,
+                        input_stats=channel_stats(x_fit) if spec.standardize else None,
+                        **spec.group(NETWORK))
     model.compile(
         optimizer=optimizer(spec, steps_per_epoch),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing),
@@ -260,7 +261,7 @@ def train(spec: VariantSpec, data: dict) -> None:
     checkpoints = checkpoint_dir(spec.name)
     expected = fingerprint(spec, [x_fit, y_fit, *validation_data])
     steps_per_epoch = math.ceil(len(x_fit) / spec.batch_size)
-    model = compiled_model(spec, x_fit.shape[1:], y_fit.shape[1], steps_per_epoch)
+    model = compiled_model(spec, x_fit, y_fit.shape[1], steps_per_epoch)
     # Summarized before any training, so that a resumed run's summary is the same.
     summary_lines: list[str] = []
     model.summary(print_fn=lambda line, **_: summary_lines.append(line))

@@ -1,0 +1,51 @@
+"""Every path the stages share, relative to the project root. No TensorFlow here, so that a stage
+which only reads results (report, ablation) starts in a fraction of a second."""
+
+from pathlib import Path
+
+PARAMS_FILE = Path("params.yaml")
+RAW_DIR = Path("data/raw")
+PREPARED_DIR = Path("data/prepared")
+MODELS_DIR = Path("models")
+METRICS_DIR = Path("metrics")
+EXPLORE_JSON = METRICS_DIR / "explore.json"
+EXPLORE_FIGURES_DIR = METRICS_DIR / "explore"
+VARIANTS_DIR = METRICS_DIR / "variants"
+REPORT_MD = METRICS_DIR / "report.md"
+REPORT_FIGURES_DIR = METRICS_DIR / "report"
+ABLATION_MD = METRICS_DIR / "ablation.md"
+CHECKPOINTS_DIR = Path(".dvc/tmp/checkpoints")  # outside the stages' outputs, which DVC deletes
+
+
+def raw_path(dataset: str) -> Path:
+    """The download stage's uint8 arrays of `dataset`."""
+    return RAW_DIR / f"{dataset}.npz"
+
+
+def model_path(variant: str) -> Path:
+    return MODELS_DIR / f"{variant}.keras"
+
+
+def live_dir(variant: str) -> Path:
+    """The variant's DVCLive training history."""
+    return VARIANTS_DIR / variant / "train"
+
+
+def timing_path(variant: str) -> Path:
+    return VARIANTS_DIR / variant / "train_time.json"
+
+
+def summary_path(variant: str) -> Path:
+    return VARIANTS_DIR / variant / "summary.txt"
+
+
+def evaluate_path(variant: str) -> Path:
+    return VARIANTS_DIR / variant / "evaluate.json"
+
+
+def confusion_path(variant: str) -> Path:
+    return VARIANTS_DIR / variant / "confusion.csv"
+
+
+def checkpoint_dir(variant: str) -> Path:
+    return CHECKPOINTS_DIR / variant

@@ -1,0 +1,60 @@
+"""dvc.yaml lists, for every stage, exactly the modules its command imports, so that a change to
+any of them reruns the stage and a change to any other does not."""
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[1]
+PACKAGE = PROJECT / "src" / "resnet_cifar"
+
+
+def imported_modules(module: str) -> set[str]:
+    """The package's modules that `module` imports, directly or through another of them."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        tree = ast.parse((PACKAGE / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "resnet_cifar":
+                todo += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("resnet_cifar."):
+                todo.append(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                todo += [a.name.split(".")[1] for a in node.names if a.name.startswith("resnet_cifar.")]
+    return seen | {"__init__"}
+
+
+def stages() -> dict[str, dict]:
+    pipeline = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    return {name: stage.get("do", stage) for name, stage in pipeline.items()}
+
+
+@pytest.mark.parametrize("name", list(stages()))
+def test_each_stage_depends_on_exactly_the_modules_it_imports(name):
+    stage = stages()[name]
+    module = re.match(r"python -m resnet_cifar\.(\w+)", stage["cmd"]).group(1)
+    listed = {Path(dep).stem for dep in stage["deps"] if str(dep).startswith("src/resnet_cifar/")}
+    assert listed == imported_modules(module), f"dvc.yaml, stage {name}: deps differ from its imports"
+
+
+def test_the_import_scan_sees_a_new_import(tmp_path, monkeypatch):
+    # The check above fails when a module gains an import that dvc.yaml does not list.
+    assert "augment" in imported_modules("train") and "augment" not in imported_modules("evaluate")
+    assert "models" not in imported_modules("report")
+
+
+@pytest.mark.parametrize("module", ["report", "ablation"])
+def test_stages_that_only_read_results_do_not_load_tensorflow(module):
+    code = (f"import sys, resnet_cifar.{module}; "
+            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
