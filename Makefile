@@ -1,15 +1,17 @@
 # The two commands of the README: `make pipeline` and `make test`.
-# Both create the virtual environment .venv on first use.
+# Both create the virtual environment .venv on first use, with the exact versions (and hashes)
+# of requirements.lock; `make lock` refreshes that file after a change to pyproject.toml.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: pipeline test
+.PHONY: pipeline test lock
 
-$(BIN)/dvc: pyproject.toml
+$(BIN)/dvc: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --require-hashes -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
 pipeline: $(BIN)/dvc
@@ -17,3 +19,9 @@ pipeline: $(BIN)/dvc
 
 test: $(BIN)/dvc
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
+
+lock: $(BIN)/dvc
+	$(BIN)/pip install --quiet uv
+	$(BIN)/uv pip compile pyproject.toml --extra test --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --generate-hashes \
+		--custom-compile-command "make lock" --quiet -o requirements.lock
