@@ -1,20 +1,7 @@
 #!/usr/bin/env bash
-# Print, as Markdown, the metrics and params of this branch against BASE (default: main).
+# Print, as Markdown, this branch's results against BASE (default: main): a table of each
+# variant's test accuracy and train time, then the full metrics and params diffs, collapsed.
 # The pull-request workflow posts this as a comment; run it locally to preview it.
 #   .github/pr-comment.sh [BASE]
 set -euo pipefail
-base=${1:-main}
-
-diff_or_none() {
-  local table
-  table=$("$@")
-  echo "${table:-No changes.}"
-}
-
-echo "## Metrics: this branch vs \`$base\`"
-echo
-diff_or_none dvc metrics diff "$base" --md
-echo
-echo "## Params: this branch vs \`$base\`"
-echo
-diff_or_none dvc params diff "$base" --md
+exec python -m resnet_cifar.pr_comment "$@"
