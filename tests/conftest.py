@@ -1,4 +1,7 @@
 import copy
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -52,4 +55,22 @@ EVERY_INGREDIENT = {"blocks": 2, "expansion": 2, "activation": "gelu", "norm": "
 TINY_CONV = {"widths": [4, 8], "arch": "conv", "stem": 4, "blocks": [1, 1], "downsample": "pool", "norm": "batch",
              "standardize": True, "flip": True, "crop": 2, "optimizer": "nesterov", "learning_rate": 0.05,
              "weight_decay": 0.005, "warmup_epochs": 1, "schedule": "linear", "label_smoothing": 0.2, "ema": 0.9,
-             "tta": True, "precision": "float32"}
+             "tta": True, "precision": "float32"}  # bfloat16 convolutions are emulated, ~10x slower, without AVX-512 BF16
+
+
+def interrupt_at(command: list[str], line_start: str, sig: int = signal.SIGKILL,
+                 cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `command`, send `sig` to it (and its children) once it prints a line starting with
+    `line_start`; return its exit code and everything it printed (as `stdout`)."""
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    printed = []
+    for line in process.stdout:
+        printed.append(line)
+        if line.startswith(line_start):
+            break
+    else:
+        raise AssertionError(f"{' '.join(command)} ended without printing {line_start!r}:\n{''.join(printed)}")
+    os.killpg(process.pid, sig)
+    printed.append(process.communicate(timeout=60)[0])
+    return subprocess.CompletedProcess(command, process.returncode, "".join(printed))

@@ -109,3 +109,17 @@ def test_a_resumed_run_sees_the_batches_of_an_uninterrupted_one(augmented):
     assert not np.array_equal(np.concatenate([b[0] for b in from_start[3:6]]), epoch_images)
     if not augmented:  # each epoch holds every image once
         np.testing.assert_array_equal(np.sort(epoch_images.reshape(20, -1), axis=0), np.sort(x.reshape(20, -1), axis=0))
+
+
+def test_every_epoch_has_its_own_batch_order():
+    # Keras's model.fit(x, y, shuffle=True) replays one order in every epoch once
+    # keras.utils.set_random_seed has been called (Keras 3.15, TensorFlow 2.21), which the train
+    # stage does: the stage must reshuffle by (seed, epoch) itself, as the assignment's unseeded
+    # notebook did.
+    params = {**TINY_PARAMS, "variants": {"v": {"widths": [4], "epochs": 4, "batch_size": 5}}}
+    x = np.arange(20, dtype=np.float32).reshape(20, 1, 1, 1)
+    batches = [b[0].numpy().ravel() for b in train.shuffled_batches(x, np.eye(20, dtype=np.float32),
+                                                                    variant_spec(params, "v"), first_epoch=0)]
+    orders = [tuple(np.concatenate(batches[epoch * 4:(epoch + 1) * 4])) for epoch in range(4)]
+    assert all(sorted(order) == list(range(20)) for order in orders)  # each epoch sees every image once
+    assert len(set(orders)) == 4

@@ -2,7 +2,6 @@
 uninterrupted run does."""
 
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +11,16 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import EVERY_INGREDIENT, TINY_CONV, setup_project
+from conftest import EVERY_INGREDIENT, TINY_CONV, interrupt_at, setup_project
 from resnet_cifar import paths, prepare, train
 
 EPOCHS = 6
 
+pytestmark = pytest.mark.slow
 
-def start_training(variant: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "resnet_cifar.train", variant],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+def train_command(variant: str) -> list[str]:
+    return [sys.executable, "-m", "resnet_cifar.train", variant]
 
 
 def outputs(project: Path, variant: str) -> dict[str, bytes]:
@@ -50,19 +50,13 @@ def test_killed_training_resumes_and_ends_as_an_uninterrupted_run(tmp_path, monk
         params["variants"]["conv"] = TINY_CONV
         Path("params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(runs["uninterrupted"])
-    assert start_training(variant).wait(timeout=300) == 0
+    subprocess.run(train_command(variant), capture_output=True, timeout=300, check=True)
 
     monkeypatch.chdir(runs["killed"])
-    stage = start_training(variant)
-    for line in stage.stdout:
-        if line.startswith(f"[{variant}] epoch 3/{EPOCHS}"):
-            break
-    stage.send_signal(signal.SIGKILL)  # while epoch 3 is being saved, or in epoch 4
-    stage.wait(timeout=60)
+    interrupt_at(train_command(variant), f"[{variant}] epoch 3/{EPOCHS}")  # killed saving epoch 3, or in epoch 4
     assert (paths.checkpoint_dir(variant) / "state.json").is_file()
 
-    resumed = subprocess.run([sys.executable, "-m", "resnet_cifar.train", variant],
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(train_command(variant), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     resumed_after = re.search(rf"\[{variant}\] resuming after epoch (\d) from .dvc/tmp/checkpoints/{variant}/",
                               resumed.stdout)
@@ -78,19 +72,13 @@ def test_killed_training_resumes_and_ends_as_an_uninterrupted_run(tmp_path, monk
 def test_a_checkpoint_of_other_params_is_not_resumed(tmp_path, monkeypatch):
     setup_project(tmp_path, monkeypatch, "cifar-10-binary", n_train=1500, epochs=EPOCHS)
     prepare.main([])
-    stage = start_training("small")
-    for line in stage.stdout:
-        if line.startswith(f"[small] epoch 2/{EPOCHS}"):
-            break
-    stage.send_signal(signal.SIGKILL)
-    stage.wait(timeout=60)
+    interrupt_at(train_command("small"), f"[small] epoch 2/{EPOCHS}")
     assert paths.checkpoint_dir("small").is_dir()
 
     params = yaml.safe_load(Path("params.yaml").read_text())
     params["variants"]["small"]["learning_rate"] = 0.001
     Path("params.yaml").write_text(yaml.safe_dump(params))
-    rerun = subprocess.run([sys.executable, "-m", "resnet_cifar.train", "small"],
-                           capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(train_command("small"), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "made with other params or data; starting over" in rerun.stdout
     assert f"[small] epoch 1/{EPOCHS}" in rerun.stdout and "resuming" not in rerun.stdout

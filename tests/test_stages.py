@@ -4,7 +4,6 @@ import dataclasses
 import json
 import math
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,8 +12,8 @@ import numpy as np
 import pytest
 import yaml
 
-from cifar_archives import FORMATS, make_archive
-from conftest import EVERY_INGREDIENT, setup_project, tiny_params
+from cifar_archives import FORMATS
+from conftest import EVERY_INGREDIENT, interrupt_at, setup_project, tiny_params
 from resnet_cifar import evaluate, explore, paths, prepare, train
 from resnet_cifar.params import load_params, variant_spec
 from resnet_cifar.stage import StageError, all_or_nothing, atomic_path
@@ -96,7 +95,7 @@ def test_every_ingredient_trains_saves_and_evaluates(tmp_path, monkeypatch):
     assert isinstance(model.optimizer, keras.optimizers.AdamW)
     assert {"stage2_block2_norm", "final_norm"} <= {layer.name for layer in model.layers}
     data = prepare.load_prepared()
-    probabilities = model.predict(data["x_test"], verbose=0)
+    probabilities = evaluate.predict(model, data["x_test"], tta=True)  # the image's and its mirror's, averaged
     # The reported loss is plain cross-entropy plus the L2 penalty, not the label-smoothed loss trained on.
     penalty = sum(float(loss) for loss in model.losses)
     assert penalty > 0
@@ -199,13 +198,9 @@ def test_each_stage_validates_params_before_loading_data(tmp_path, monkeypatch):
 def test_ctrl_c_during_training_leaves_no_output(tmp_path, monkeypatch):
     setup_project(tmp_path, monkeypatch, "cifar-10-binary", epochs=10_000)
     prepare.main([])
-    stage = subprocess.Popen([sys.executable, "-m", "resnet_cifar.train", "small"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in stage.stdout:
-        if "epoch 3/10000" in line:
-            break
-    stage.send_signal(signal.SIGINT)
-    output = stage.communicate(timeout=60)[0]
+    stage = interrupt_at([sys.executable, "-m", "resnet_cifar.train", "small"], "[small] epoch 3/10000",
+                         signal.SIGINT)
+    output = stage.stdout
     assert stage.returncode == 130, output
     assert "interrupted: no output was written" in output
     assert not paths.model_path("small").exists()
@@ -250,3 +245,28 @@ def test_report_compares_each_variant_with_its_closest_predecessor():
     assert changed_fields(deeper, l2) == ["l2"]
     assert verdict(0.02, -0.1) == "raised test accuracy and reduced overfitting"
     assert verdict(-0.001, 0.05) == "made no real difference to test accuracy and increased overfitting"
+
+
+def test_ablation_takes_each_ingredient_back_to_the_train_defaults():
+    from resnet_cifar.ablation import ingredients_on
+    from resnet_cifar.params import train_defaults
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    defaults = train_defaults(params)
+    conv = ingredients_on(variant_spec(params, "conv"), defaults)
+    assert {"standardization", "flips", "crops", "normalization", "weight decay", "warm-up and decay",
+            "label smoothing", "flip test-time augmentation"} <= set(conv)
+    assert "translations" not in conv and "weight average (EMA)" not in conv  # off in conv
+    assert conv["crops"] == {"crop": defaults["crop"]} and conv["warm-up and decay"] == {
+        "warmup_epochs": defaults["warmup_epochs"], "schedule": defaults["schedule"]}
+    # The assignment's variants use none (the baseline's widths count does not make its blocks "extra").
+    assert ingredients_on(variant_spec(params, "baseline"), defaults) == {}
+
+
+def test_test_time_augmentation_averages_the_image_and_its_mirror():
+    from resnet_cifar.models import build_model
+    model = build_model([8], 3, input_shape=(4, 4, 3))
+    x = np.random.default_rng(0).uniform(size=(5, 4, 4, 3)).astype(np.float32)
+    plain, averaged = evaluate.predict(model, x, tta=False), evaluate.predict(model, x, tta=True)
+    mirrored = model.predict(x[:, :, ::-1], verbose=0)
+    np.testing.assert_allclose(averaged, (plain + mirrored) / 2, rtol=1e-6)
+    assert not np.allclose(plain, averaged)  # a dense network is not mirror-symmetric
