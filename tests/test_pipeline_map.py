@@ -46,7 +46,7 @@ def test_each_stage_depends_on_exactly_the_modules_it_imports(name):
     assert listed == imported_modules(module), f"dvc.yaml, stage {name}: deps differ from its imports"
 
 
-def test_the_import_scan_sees_a_new_import(tmp_path, monkeypatch):
+def test_the_import_scan_follows_imports_through_other_modules():
     # The check above fails when a module gains an import that dvc.yaml does not list.
     assert "augment" in imported_modules("train") and "augment" not in imported_modules("evaluate")
     assert "models" not in imported_modules("report")
@@ -58,3 +58,12 @@ def test_stages_that_only_read_results_do_not_load_tensorflow(module):
             "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
+
+
+def test_a_stage_prints_no_tensorflow_start_up_lines(tmp_path):
+    # The train stage imports TensorFlow, whose C++ start-up notices (no GPU, CPU features)
+    # would come before the stage's own message.
+    stage = subprocess.run([sys.executable, "-m", "resnet_cifar.train"], cwd=tmp_path, capture_output=True,
+                           text=True)
+    assert stage.returncode == 1
+    assert stage.stderr == "error: usage: python -m resnet_cifar.train <variant>\n"

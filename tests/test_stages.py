@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from cifar_archives import FORMATS
-from conftest import EVERY_INGREDIENT, interrupt_at, setup_project, tiny_params
+from conftest import EVERY_INGREDIENT, TINY_CONV, interrupt_at, setup_project, tiny_params
 from resnet_cifar import evaluate, explore, paths, prepare, train
 from resnet_cifar.params import load_params, variant_spec
 from resnet_cifar.stage import StageError, all_or_nothing, atomic_path
@@ -251,11 +251,12 @@ def test_ablation_takes_each_ingredient_back_to_the_train_defaults():
     from resnet_cifar.ablation import ingredients_on
     from resnet_cifar.params import train_defaults
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    params["variants"]["conv"] = TINY_CONV
     defaults = train_defaults(params)
     conv = ingredients_on(variant_spec(params, "conv"), defaults)
     assert {"standardization", "flips", "crops", "normalization", "weight decay", "warm-up and decay",
             "label smoothing", "flip test-time augmentation"} <= set(conv)
-    assert "translations" not in conv and "weight average (EMA)" not in conv  # off in conv
+    assert "translations" not in conv and "mixup" not in conv  # off in the conv variant
     assert conv["crops"] == {"crop": defaults["crop"]} and conv["warm-up and decay"] == {
         "warmup_epochs": defaults["warmup_epochs"], "schedule": defaults["schedule"]}
     # The assignment's variants use none (the baseline's widths count does not make its blocks "extra").
