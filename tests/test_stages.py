@@ -263,6 +263,15 @@ def test_ablation_takes_each_ingredient_back_to_the_train_defaults():
     assert ingredients_on(variant_spec(params, "baseline"), defaults) == {}
 
 
+def test_ablation_can_take_away_only_the_named_ingredients():
+    from resnet_cifar.ablation import chosen
+    uses = {"crops": {"crop": 0}, "flips": {"flip": False}, "GELU": {"activation": "relu"}}
+    assert chosen(uses, None) == uses
+    assert chosen(uses, ["GELU", "crops"]) == {"GELU": {"activation": "relu"}, "crops": {"crop": 0}}
+    with pytest.raises(StageError, match=r"--only: the variant does not use mixup \(it uses: crops, flips, GELU\)"):
+        chosen(uses, ["crops", "mixup"])
+
+
 def test_test_time_augmentation_averages_the_image_and_its_mirror():
     from resnet_cifar.models import build_model
     model = build_model([8], 3, input_shape=(4, 4, 3))

@@ -1,11 +1,12 @@
 """What each ingredient of a variant is worth: take one away at a time, through `dvc exp run -S`.
 
-    python -m resnet_cifar.ablation [--variant tuned] [--epochs N]
+    python -m resnet_cifar.ablation [--variant tuned] [--epochs N] [--only INGREDIENT ...]
 
 For every ingredient that is on in the variant, runs the experiment with that ingredient off
 (`dvc exp run --temp evaluate@<variant> -n ablation-<variant>-<ingredient> -S ...`), one after the
 other, in a temporary copy of the project, so the workspace stays as it is. --epochs shortens every
-run, the unchanged variant included, to fit a smaller budget. Then writes metrics/ablation.md, and
+run, the unchanged variant included, to fit a smaller budget; --only takes away just the named
+ingredients, to afford the full budget for the ones that matter most. Then writes metrics/ablation.md, and
 the same table into README.md between its ablation markers: test accuracy with and without each
 ingredient, and the points it is worth.
 """
@@ -54,6 +55,17 @@ def ingredients_on(spec: VariantSpec, defaults: dict) -> dict[str, dict]:
         return (value,) * len(spec.widths) if key in ("blocks", "l2") and not isinstance(value, list) else value
     return {name: {key: defaults[key] for key in keys} for name, keys in INGREDIENTS.items()
             if any(getattr(spec, key) != default(key) for key in keys)}
+
+
+def chosen(ingredients: dict[str, dict], only: list[str] | None) -> dict[str, dict]:
+    """The ingredients named in --only (all of them without it), each of which the variant must use."""
+    if not only:
+        return ingredients
+    unused = [name for name in only if name not in ingredients]
+    if unused:
+        raise StageError(f"--only: the variant does not use {', '.join(unused)} "
+                         f"(it uses: {', '.join(ingredients)})")
+    return {name: ingredients[name] for name in only}
 
 
 def experiment_name(variant: str, ingredient: str) -> str:
@@ -121,6 +133,7 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m resnet_cifar.ablation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="tuned")
     parser.add_argument("--epochs", type=int, help="shorten every run to this many epochs")
+    parser.add_argument("--only", nargs="+", metavar="INGREDIENT", help="take away just these ingredients")
     args = parser.parse_args(argv)
     params = load_params()
     spec = variant_spec(params, args.variant)
@@ -128,7 +141,7 @@ def main(argv: list[str]) -> None:
     shortened = {}
     if epochs != spec.epochs:  # the warm-up must stay shorter than the run
         shortened = {"epochs": epochs, "warmup_epochs": min(spec.warmup_epochs, epochs - 1)}
-    ingredients = ingredients_on(dataclasses.replace(spec, **shortened), train_defaults(params))
+    ingredients = chosen(ingredients_on(dataclasses.replace(spec, **shortened), train_defaults(params)), args.only)
     if not ingredients:
         raise StageError(f"variant {args.variant} uses none of: {', '.join(INGREDIENTS)}")
 
