@@ -60,7 +60,10 @@ def test_repro_writes_every_output(repo):
     for variant in TINY_PARAMS["variants"]:
         assert (repo / f"models/{variant}.keras").is_file()
         evaluation = json.loads((repo / f"metrics/variants/{variant}/evaluate.json").read_text())
-        assert set(evaluation) == {"train", "test", "overfit_gap"}
+        assert set(evaluation) == {"train", "test", "overfit_gap", "train_time"}
+        timing = json.loads((repo / f"metrics/variants/{variant}/train_time.json").read_text())
+        assert evaluation["train_time"] == {key: timing[key] for key in ("train_seconds", "seconds_per_epoch",
+                                                                         "peak_memory_mb")}
         assert 0 <= evaluation["test"]["accuracy"] <= 1
         assert len(evaluation["test"]["per_class_accuracy"]) == 10
         history = json.loads((repo / f"metrics/variants/{variant}/train/metrics.json").read_text())
@@ -76,11 +79,13 @@ def test_repro_writes_every_output(repo):
     explore = json.loads((repo / "metrics/explore.json").read_text())
     assert explore["images"] == {"train": 100, "test": 50}
     assert "Data and pipelines are up to date" in sh(repo, "dvc", "status")
-    # Metrics and figures are committed to git; datasets and models are not.
+    # Evaluations, the report and its figures are committed to git; datasets, models and the train
+    # stages' outputs are in the DVC cache, so that a remote's run-cache can restore them.
     tracked = sh(repo, "git", "ls-files").split()
-    assert "metrics/variants/small/evaluate.json" in tracked
-    assert not [path for path in tracked
-                if path.startswith(("data/", "models/")) and not path.endswith(".gitignore")]
+    assert {"metrics/variants/small/evaluate.json", "metrics/report.md", "metrics/explore.json"} <= set(tracked)
+    assert not [path for path in tracked if path.startswith(("data/", "models/", "metrics/variants/small/train"))
+                and not path.endswith(".gitignore")]
+    assert "metrics/variants/small/train_time.json" not in tracked
 
 
 def test_a_variants_params_touch_only_its_own_stages(repo):
@@ -95,10 +100,14 @@ def test_a_variants_params_touch_only_its_own_stages(repo):
 
 
 def committed_metrics(repo: Path) -> dict[str, bytes]:
-    """Every committed text file under metrics/, less the wall times, which differ from run to run."""
-    paths = sh(repo, "git", "ls-files", "metrics").split()
-    files = {path: (repo / path).read_bytes() for path in paths
-             if not path.endswith(("train_time.json", ".png"))}
+    """Every text file under metrics/ (committed to git, or the train stages' in the DVC cache), less
+    the wall times, which differ from run to run."""
+    paths = sh(repo, "git", "ls-files", "metrics").split() + [
+        str(path.relative_to(repo)) for path in (repo / "metrics/variants").rglob("*")
+        if path.is_file() and (path.name == "summary.txt" or "train" in path.relative_to(repo).parts)]
+    files = {path: (repo / path).read_bytes() for path in paths if not path.endswith((".png", "train_time.json"))}
+    for path in [path for path in files if path.endswith("evaluate.json")]:
+        files[path] = json.dumps(json.loads(files[path]) | {"train_time": None}).encode()
     report = re.sub(rb"\| [\d.]+ (s|min) \(\w+\) \| [\d.]+ \|\n", b"|\n", files["metrics/report.md"])
     files["metrics/report.md"] = re.sub(rb" in [\d.]+ (s|min)", b"", report)  # the families' train times
     return files
@@ -189,20 +198,28 @@ def test_exp_run_metrics_diff_and_pull_request_comment(repo):
     assert re.search(r"\| params.yaml +\| train.epochs +\| 2 +\| 3 ", comment)
 
 
+def history(repo: Path, variant: str) -> dict[str, bytes]:
+    """The train stage's DVCLive history and model summary."""
+    outputs = repo / "metrics/variants" / variant
+    return {str(path): path.read_bytes() for path in [outputs / "summary.txt", *sorted((outputs / "train").rglob("*"))]
+            if path.is_file()}
+
+
 def test_dvc_repro_resumes_a_killed_training_stage(repo):
     """The tiny conv variant, killed after its second of four epochs, resumes and ends bit-identical to
     the committed, uninterrupted run."""
     committed = keras.models.load_model(repo / "models/conv.keras", compile=False).get_weights()
+    committed_history = history(repo, "conv")
     interrupt_at(["dvc", "repro", "-f", "train@conv"], "[conv] epoch 2/4", cwd=repo)
 
-    resumed = sh(repo, "dvc", "repro", "train@conv")
+    resumed = sh(repo, "dvc", "repro", "-f", "train@conv")  # without -f, DVC restores the committed run from its run-cache
     resumed_after = re.search(r"\[conv\] resuming after epoch (\d+) from .dvc/tmp/checkpoints/conv/", resumed)
     assert resumed_after and int(resumed_after[1]) >= 1, resumed[:3000]  # killed while saving epoch 2, or later
     assert "[conv] epoch 1/4" not in resumed
     assert not (repo / ".dvc/tmp/checkpoints/conv").exists()
     # The DVCLive history and summary are the committed ones byte for byte (the wall times are
     # not); so are the weights.
-    assert sh(repo, "git", "status", "--porcelain", "metrics") == " M metrics/variants/conv/train_time.json\n"
+    assert history(repo, "conv") == committed_history
     for resumed_weights, reference in zip(keras.models.load_model(repo / "models/conv.keras", compile=False).get_weights(),
                                           committed):
         np.testing.assert_array_equal(resumed_weights, reference)

@@ -3,7 +3,7 @@
     python -m resnet_cifar.evaluate <variant>
 
 Writes metrics/variants/<variant>/evaluate.json (train/test loss and accuracy, per-class test
-accuracy, top-5 accuracy when there are 100 classes) and confusion.csv (one row per test image,
+accuracy, top-5 accuracy when there are 100 classes, the train stage's times) and confusion.csv (one row per test image,
 for DVC's confusion-matrix plot). With the variant's `tta`, every prediction is the mean of the
 predictions for the image and its mirror image.
 """
@@ -17,7 +17,7 @@ import keras
 import numpy as np
 
 from resnet_cifar.params import load_params, variant_spec
-from resnet_cifar.paths import confusion_path, evaluate_path, model_path
+from resnet_cifar.paths import confusion_path, evaluate_path, model_path, timing_path
 from resnet_cifar.prepare import load_prepared
 from resnet_cifar.stage import StageError, all_or_nothing, atomic_path, run
 
@@ -97,6 +97,10 @@ def main(argv: list[str]) -> None:
     variant = spec.name
     data = load_prepared()
     metrics, true_ids, predicted_ids = evaluate(load_trained(model_path(variant)), data, spec.tta)
+    # The train stage's outputs live in the DVC cache (a remote restores them without retraining);
+    # its times join the results kept in git, for `dvc metrics diff` in pull requests.
+    timing = json.loads(timing_path(variant).read_text())
+    metrics["train_time"] = {key: value for key, value in timing.items() if isinstance(value, (int, float))}
     with all_or_nothing(evaluate_path(variant), confusion_path(variant)):
         with atomic_path(evaluate_path(variant)) as tmp:
             tmp.write_text(json.dumps(metrics, indent=2) + "\n")

@@ -11,7 +11,7 @@ import re
 import subprocess
 import sys
 
-from resnet_cifar.paths import evaluate_path, timing_path
+from resnet_cifar.paths import evaluate_path
 from resnet_cifar.stage import StageError, run
 
 VARIANT = re.compile(r"metrics/variants/([^/]+)/evaluate\.json")
@@ -38,8 +38,8 @@ def summary_table(diff: dict, base: str) -> list[str]:
             "| train time (branch) |", "|---|---:|---:|---:|---:|---:|"]
     variants = sorted({m[1] for path in diff if (m := VARIANT.fullmatch(path))})
     for variant in variants:
-        accuracy = diff.get(str(evaluate_path(variant)), {}).get("test.accuracy", {})
-        seconds = diff.get(str(timing_path(variant)), {}).get("train_seconds", {})
+        evaluation = diff.get(str(evaluate_path(variant)), {})
+        accuracy, seconds = evaluation.get("test.accuracy", {}), evaluation.get("train_time.train_seconds", {})
         old, new = accuracy.get("old"), accuracy.get("new")
         change = f"{(new - old) * 100:+.2f} points" if old is not None and new is not None else "new" if old is None else "removed"
         rows.append(f"| {variant} | {_accuracy(old)} | {_accuracy(new)} | {change} "
