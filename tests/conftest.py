@@ -59,11 +59,11 @@ TINY_CONV = {"widths": [4, 8], "arch": "conv", "stem": 4, "blocks": [1, 1], "dow
 
 
 def interrupt_at(command: list[str], line_start: str, sig: int = signal.SIGKILL,
-                 cwd: Path | None = None) -> subprocess.CompletedProcess:
+                 cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `command`, send `sig` to it (and its children) once it prints a line starting with
     `line_start`; return its exit code and everything it printed (as `stdout`)."""
     # Ctrl-C must reach the command even when the tests run as a background job, which ignores it.
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     printed = []
     for line in process.stdout:

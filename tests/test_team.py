@@ -1,0 +1,208 @@
+"""A small team on one machine: workers train variants and push them to a shared DVC remote (S3
+served by moto on 127.0.0.1, or a directory), and other clones get every result without training."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+
+from cifar_archives import make_archive
+from conftest import interrupt_at, tiny_params
+
+PROJECT = Path(__file__).resolve().parents[1]
+BUCKET = "team"
+# dvc and python -m resnet_cifar.team, for the test's own commands and the workers'
+ENVIRONMENT = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+pytestmark = pytest.mark.slow
+
+
+def sh(repo: Path, *args: str, env: dict | None = None, ok: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=repo, capture_output=True, text=True, env=env or ENVIRONMENT)
+    if ok:
+        assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def team(repo: Path, *args: str, env: dict | None = None, ok: bool = True) -> subprocess.CompletedProcess:
+    return sh(repo, sys.executable, "-m", "resnet_cifar.team", *args, env=env, ok=ok)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A local S3 API server that checks credentials, with a bucket and a worker allowed to use it."""
+    port = free_port()
+    # The first requests (the set-up below) need no credentials; every later one does.
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env=os.environ | {"INITIAL_NO_AUTH_ACTION_COUNT": "4"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "moto server did not start"
+            time.sleep(0.2)
+    anyone = {"endpoint_url": url, "region_name": "us-east-1", "aws_access_key_id": "setup",
+              "aws_secret_access_key": "setup"}
+    boto3.client("s3", **anyone).create_bucket(Bucket=BUCKET)
+    iam = boto3.client("iam", **anyone)
+    iam.create_user(UserName="worker")
+    key = iam.create_access_key(UserName="worker")["AccessKey"]
+    iam.put_user_policy(UserName="worker", PolicyName="bucket", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+    credentials = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+    try:
+        yield server, url, credentials
+    finally:
+        server.kill()
+        server.wait()
+
+
+def make_origin(root: Path, *remote: list[str]) -> Path:
+    """A bare git repository holding the tiny project, with `remote`'s dvc commands applied."""
+    project = root / "project"
+    project.mkdir()
+    for name in ("dvc.yaml", "src"):
+        source = PROJECT / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, project / name)
+    (project / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    for command in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.email", "t@example.com"],
+                    ["git", "config", "user.name", "t"], ["dvc", "init", "-q"], *remote,
+                    ["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
+        sh(project, *command)
+    sh(root, "git", "clone", "-q", "--bare", str(project), str(root / "origin.git"))
+    return root / "origin.git"
+
+
+def clone(origin: Path, path: Path) -> Path:
+    sh(origin.parent, "git", "clone", "-q", str(origin), str(path))
+    sh(path, "git", "config", "user.email", "t@example.com")
+    sh(path, "git", "config", "user.name", "t")
+    return path
+
+
+@pytest.fixture(scope="module")
+def environment(tmp_path_factory):
+    """Workers' environment: the generated archive as the CIFAR source."""
+    archive = make_archive(tmp_path_factory.mktemp("mirror"), "cifar-10-binary", n_train=100, n_test=50)
+    return ENVIRONMENT | {"CIFAR_SOURCE": str(archive.path), "CIFAR_MEMBER_MD5S": str(archive.md5s_path)}
+
+
+@pytest.fixture(scope="module")
+def pushed(tmp_path_factory, s3, environment):
+    """Worker A trains `small`; worker B is killed mid-training, finishes, has its push cut off while
+    the remote hangs, and repeats it. Both push to S3; neither commits anything to git."""
+    server, url, credentials = s3
+    root = tmp_path_factory.mktemp("team")
+    origin = make_origin(root, ["dvc", "remote", "add", "-d", "team", f"s3://{BUCKET}/cache"],
+                         ["dvc", "remote", "modify", "team", "endpointurl", url])
+    worker = environment | credentials
+    a, b = clone(origin, root / "a"), clone(origin, root / "b")
+    team(a, "train", "small", env=worker)
+
+    killed = interrupt_at(["dvc", "repro", "train@deep"], "[deep] epoch 1/", cwd=b, env=worker)
+    assert killed.returncode == -signal.SIGKILL
+    sh(b, "dvc", "repro", "train@deep", env=worker)  # resumes from its checkpoint
+    server.send_signal(signal.SIGSTOP)  # the remote hangs mid-push
+    try:
+        cut_off = subprocess.Popen(["dvc", "push", "--run-cache", "--with-deps", "train@deep"], cwd=b, env=worker,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(3)
+        assert cut_off.poll() is None
+        cut_off.kill()
+        cut_off.wait()
+    finally:
+        server.send_signal(signal.SIGCONT)
+    repeated = team(b, "train", "deep", env=worker)
+    assert "Running stage" not in repeated.stdout  # trained already: only the push is repeated
+    return origin, a, b, worker
+
+
+def test_a_clone_gets_every_workers_result_without_training(pushed, tmp_path):
+    origin, a, b, worker = pushed
+    c = clone(origin, tmp_path / "c")
+    no_source = {key: value for key, value in worker.items() if not key.startswith("CIFAR_")}  # no data either
+    pulled = sh(c, "dvc", "repro", "--pull", env=no_source).stdout  # the README's command
+    assert "Running stage 'train@" not in pulled and "Running stage 'download'" not in pulled
+    for variant in ("small", "deep"):
+        assert f"Stage 'train@{variant}' is cached - skipping run" in pulled
+    for variant, worker_clone in (("small", a), ("deep", b)):
+        for output in (f"models/{variant}.keras", f"metrics/variants/{variant}/train/metrics.json",
+                       f"metrics/variants/{variant}/train_time.json"):
+            assert (c / output).read_bytes() == (worker_clone / output).read_bytes(), output
+        evaluation = json.loads((c / f"metrics/variants/{variant}/evaluate.json").read_text())
+        timing = json.loads((worker_clone / f"metrics/variants/{variant}/train_time.json").read_text())
+        assert evaluation["train_time"]["train_seconds"] == timing["train_seconds"]
+    assert "| small | dense |" in (c / "metrics/report.md").read_text()
+    assert "Data and pipelines are up to date" in sh(c, "dvc", "status", env=no_source).stdout
+
+
+def test_collect_trains_nothing_that_the_remote_lacks(pushed, tmp_path):
+    origin, _, _, worker = pushed
+    d = clone(origin, tmp_path / "d")
+    params = yaml.safe_load((d / "params.yaml").read_text())
+    params["variants"]["wide"] = {"widths": [32]}  # a variant no worker has trained
+    (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    collected = team(d, "collect", env=worker, ok=False)
+    assert collected.returncode == 1
+    assert collected.stderr.strip().endswith(
+        f"error: remote 'team' (s3://{BUCKET}/cache) holds no run of train@wide for this code, data and params; "
+        "train it first: python -m resnet_cifar.team train <variant>")
+    assert "Running stage 'train@" not in collected.stdout
+    assert not (d / "models/wide.keras").exists()
+    assert (d / "models/small.keras").is_file()  # what the remote has is restored
+
+
+@pytest.mark.parametrize("fault", ["unreachable", "wrong credentials"])
+def test_a_remote_that_does_not_answer_stops_a_worker_before_it_trains(pushed, tmp_path, fault):
+    origin, _, _, worker = pushed
+    e = clone(origin, tmp_path / "e")
+    if fault == "unreachable":
+        sh(e, "dvc", "remote", "modify", "--local", "team", "endpointurl", f"http://127.0.0.1:{free_port()}")
+    else:
+        worker = worker | {"AWS_SECRET_ACCESS_KEY": "not-the-key"}
+    started = time.monotonic()
+    trained = team(e, "train", "small", env=worker, ok=False)
+    assert trained.returncode == 1
+    message = trained.stderr.strip().splitlines()
+    assert message[0].startswith(f"error: remote 'team' (s3://{BUCKET}/cache): `dvc fetch --run-cache` failed: ")
+    assert message[-1].startswith("Check that the remote is reachable and your credentials for it")
+    assert time.monotonic() - started < 120
+    assert not (e / "models").exists() and not (e / "data").exists()  # nothing ran
+    assert sh(e, "git", "status", "--porcelain").stdout == ""
+
+
+def test_an_experiment_travels_between_clones_with_its_data(tmp_path, environment):
+    """`dvc exp push` / `dvc exp pull` through a bare git repository and a directory remote."""
+    origin = make_origin(tmp_path, ["dvc", "remote", "add", "-d", "team", str(tmp_path / "shared-drive")])
+    first, second = clone(origin, tmp_path / "first"), clone(origin, tmp_path / "second")
+    sh(first, "dvc", "exp", "run", "-n", "wider", "-S", "variants.small.widths=[24]", env=environment)
+    sh(first, "dvc", "exp", "push", "origin", "wider", env=environment)
+
+    no_source = {key: value for key, value in environment.items() if not key.startswith("CIFAR_")}
+    sh(second, "dvc", "exp", "pull", "origin", "wider", env=no_source)
+    sh(second, "dvc", "exp", "apply", "wider", env=no_source)
+    assert yaml.safe_load((second / "params.yaml").read_text())["variants"]["small"]["widths"] == [24]
+    for output in ("models/small.keras", "metrics/variants/small/train/metrics.json"):
+        assert (second / output).read_bytes() == (first / output).read_bytes(), output  # the run's own files
+    shown = json.loads(sh(second, "dvc", "exp", "show", "--json", env=no_source).stdout)
+    names = [exp["revs"][0]["name"] for row in shown for exp in row.get("experiments") or []]
+    assert "wider" in names
