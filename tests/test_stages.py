@@ -134,6 +134,23 @@ def test_auto_precision_follows_the_cpu(tmp_path, flags, expected):
     assert train.resolve_precision("bfloat16", tmp_path / "missing") == "bfloat16"
 
 
+@pytest.mark.parametrize("capabilities, expected", [([(9, 0)], "bfloat16"), ([(8, 0), (8, 6)], "bfloat16"),
+                                                    ([(8, 0), (7, 5)], "float16"), ([(7, 0)], "float16"),
+                                                    ([(6, 1)], "float32")])
+def test_auto_precision_follows_the_oldest_gpu_in_use(tmp_path, capabilities, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu avx512_bf16\n")  # the GPUs decide, not the CPU
+    assert train.resolve_precision("auto", cpuinfo, gpu_capabilities=capabilities) == expected
+    assert train.resolve_precision("float32", cpuinfo, gpu_capabilities=capabilities) == "float32"
+
+
+def test_pinned_devices_must_exist():
+    # This machine has no GPU: naming one is an error that says how many there are.
+    with pytest.raises(StageError, match=r"^params.yaml: train.devices: no GPU 1 on this machine \(0 visible\)$"):
+        train.use_devices((1,))
+    assert train.use_devices("cpu") == [] and train.replicas() == []
+
+
 def test_top_k_and_per_class_accuracy():
     probabilities = np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])
     true_ids = np.array([1, 2, 2])
@@ -195,11 +212,11 @@ def test_each_stage_validates_params_before_loading_data(tmp_path, monkeypatch):
     assert variant_spec(load_params(), "deep").widths == (16, 8)
 
 
-def test_ctrl_c_during_training_leaves_no_output(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_during_training_leaves_no_output(tmp_path, monkeypatch, sig):
     setup_project(tmp_path, monkeypatch, "cifar-10-binary", epochs=10_000)
     prepare.main([])
-    stage = interrupt_at([sys.executable, "-m", "resnet_cifar.train", "small"], "[small] epoch 3/10000",
-                         signal.SIGINT)
+    stage = interrupt_at([sys.executable, "-m", "resnet_cifar.train", "small"], "[small] epoch 3/10000", sig)
     output = stage.stdout
     assert stage.returncode == 130, output
     assert "interrupted: no output was written" in output

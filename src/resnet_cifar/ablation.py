@@ -18,7 +18,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from resnet_cifar.params import VariantSpec, load_params, train_defaults, variant_spec
+from resnet_cifar.params import PER_WIDTH_KEYS, VariantSpec, load_params, train_defaults, variant_spec
 from resnet_cifar.paths import ABLATION_MD, evaluate_path
 from resnet_cifar.stage import StageError, atomic_path, run
 
@@ -52,7 +52,7 @@ def ingredients_on(spec: VariantSpec, defaults: dict) -> dict[str, dict]:
     """The ingredients the variant uses, with the params that take each away."""
     def default(key: str):
         value = defaults[key]
-        return (value,) * len(spec.widths) if key in ("blocks", "l2") and not isinstance(value, list) else value
+        return (value,) * len(spec.widths) if key in PER_WIDTH_KEYS and not isinstance(value, list) else value
     return {name: {key: defaults[key] for key in keys} for name, keys in INGREDIENTS.items()
             if any(getattr(spec, key) != default(key) for key in keys)}
 

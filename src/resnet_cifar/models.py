@@ -21,7 +21,8 @@ def normalization(kind: str, name: str) -> layers.Layer:
     """A LayerNormalization ("layer") or BatchNormalization ("batch") layer."""
     if kind == "layer":
         return layers.LayerNormalization(name=name)
-    return layers.BatchNormalization(name=name)
+    # Synchronized: under tf.distribute, statistics of the whole global batch, as on one device.
+    return layers.BatchNormalization(synchronized=True, name=name)
 
 
 def normalized(x, norm: str, activation: str | None, name: str):

@@ -18,6 +18,7 @@ TOP_LEVEL_KEYS = ("seed", "data", "train", "variants")
 DATASETS = ("cifar10", "cifar100")
 LABEL_MODES = ("fine", "coarse")
 NETWORK, INPUT, OPTIMIZATION, EVALUATION = "network", "input", "optimization", "evaluation"
+PER_WIDTH_KEYS = ("blocks", "l2")  # one value for all widths, or a list of exactly one per width
 
 
 class ParamsError(StageError):
@@ -115,6 +116,16 @@ def check_validation(value: Any, where: str) -> str | float:
     return float(value)
 
 
+def check_devices(value: Any, where: str) -> str | tuple[int, ...]:
+    """`auto` (every visible GPU, else the CPU), `cpu`, or the indices of the GPUs to use."""
+    if value in ("auto", "cpu"):
+        return value
+    if (not isinstance(value, list) or not value or len(set(value)) != len(value)
+            or not all(_is_int(index) and index >= 0 for index in value)):
+        _fail(where, "auto, cpu or a list of distinct GPU indices", value)
+    return tuple(value)
+
+
 def key(check: Check, group: str) -> Any:
     return field(metadata={"check": check, "group": group})
 
@@ -153,7 +164,8 @@ class VariantSpec:
     schedule: str = key(choice("constant", "cosine", "linear"), OPTIMIZATION)
     label_smoothing: float = key(number(0.0, 1.0, high_open=True), OPTIMIZATION)
     ema: float = key(number(0.0, 1.0, high_open=True), OPTIMIZATION)  # momentum of the weight average
-    precision: str = key(choice("auto", "float32", "bfloat16"), OPTIMIZATION)
+    precision: str = key(choice("auto", "float32", "bfloat16", "float16"), OPTIMIZATION)
+    devices: str | tuple[int, ...] = key(check_devices, OPTIMIZATION)  # several: synchronous data parallel
     validation: str | float = key(check_validation, OPTIMIZATION)  # "test", or the fraction of train held out
     # the evaluation
     tta: bool = key(boolean, EVALUATION)  # mean prediction of the image and its mirror
@@ -231,7 +243,7 @@ def variant_spec(params: dict, name: str) -> VariantSpec:
     merged = {**defaults, **overrides}
     values = {f.name: f.metadata["check"](merged[f.name], where[f.name]) for f in fields(VariantSpec) if f.metadata}
     n = len(values["widths"])
-    for per_stage in ("blocks", "l2"):  # one value for all widths, or exactly one per width
+    for per_stage in PER_WIDTH_KEYS:
         if len(values[per_stage]) == 1:
             values[per_stage] *= n
         elif len(values[per_stage]) != n:

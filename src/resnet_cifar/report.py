@@ -12,14 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from resnet_cifar.params import VariantSpec, load_params, variant_names, variant_spec
+from resnet_cifar.params import PER_WIDTH_KEYS, VariantSpec, load_params, variant_names, variant_spec
 from resnet_cifar.paths import REPORT_FIGURES_DIR as FIGURES_DIR
 from resnet_cifar.paths import REPORT_MD, evaluate_path, live_dir, timing_path
 from resnet_cifar.plots import plt, save_figure
 from resnet_cifar.stage import StageError, all_or_nothing, atomic_path, run
 COMPARED_FIELDS = tuple(f.name for f in dataclasses.fields(VariantSpec) if f.name not in ("name", "seed"))
 TABLE_FIELDS = ("arch", "widths", "learning_rate", "dropout", "l2")  # the rest appear under "recipe"
-PER_WIDTH_FIELDS = ("blocks", "l2")  # one value per width: (1, 1) and (1, 1, 1, 1) are the same setting
 NEGLIGIBLE = 0.005  # accuracy changes under half a point are noise between seeds
 
 
@@ -111,7 +110,7 @@ def describe_change(field: str, before, after) -> str:
         return f"widths {list(before)} -> {list(after)} ({len(before)} -> {len(after)} stages)"
     if field == "l2":
         return f"L2 {_l2_text(before)} -> {_l2_text(after)}"
-    if field in PER_WIDTH_FIELDS:
+    if field in PER_WIDTH_KEYS:
         return f"{field} {_per_width_text(before)} -> {_per_width_text(after)}"
     return f"{field.replace('_', ' ')} {_value_text(before)} -> {_value_text(after)}"
 
@@ -134,7 +133,7 @@ def _l2_text(factors: tuple[float, ...]) -> str:
 def changed_fields(a: VariantSpec, b: VariantSpec) -> list[str]:
     def setting(spec: VariantSpec, field: str):
         value = getattr(spec, field)
-        return _per_width_text(value) if field in PER_WIDTH_FIELDS else value
+        return _per_width_text(value) if field in PER_WIDTH_KEYS else value
     return [field for field in COMPARED_FIELDS if setting(a, field) != setting(b, field)]
 
 
@@ -223,7 +222,7 @@ def recipe(spec: VariantSpec, reference: VariantSpec) -> str:
     """The settings outside the table's columns where `spec` differs from `reference`."""
     def text(field: str) -> str:
         value = getattr(spec, field)
-        return _per_width_text(value) if field in PER_WIDTH_FIELDS else _value_text(value)
+        return _per_width_text(value) if field in PER_WIDTH_KEYS else _value_text(value)
     return ", ".join(f"{field.replace('_', ' ')} {text(field)}"
                      for field in changed_fields(reference, spec) if field not in TABLE_FIELDS) or "-"
 

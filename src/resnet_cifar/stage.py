@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,8 +54,14 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run(main: Callable[[list[str]], None]) -> None:
-    """Run a stage's `main(argv)`; user errors print one line and exit 1, Ctrl-C exits 130."""
+    """Run a stage's `main(argv)`; user errors print one line and exit 1; Ctrl-C, or a SIGTERM
+    (a CI job cancelled, a `kill`), leaves no half-written output and exits 130."""
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         main(sys.argv[1:])
     except StageError as err:

@@ -10,9 +10,13 @@ resumes from it, and ends exactly as an uninterrupted run would: the batches of 
 shuffled and augmented by (seed, epoch) alone, and the checkpoint holds the optimizer and
 dropout RNG states.
 
-Precision `auto` trains in mixed bfloat16 where the CPU computes bfloat16 natively (AVX-512
-BF16 or AMX): 1.6x faster than float32 on the baseline, 1.85x the assignment's code path
-(bench/bench_train.py).
+Precision `auto` trains in mixed bfloat16 where the hardware computes bfloat16 natively (a GPU
+from Ampere on; a CPU with AVX-512 BF16 or AMX: 1.6x faster than float32 on the baseline, 1.85x
+the assignment's code path, bench/bench_train.py), in mixed float16 with loss scaling on Volta and
+Turing GPUs, in float32 otherwise.
+
+`devices` `auto` trains on every visible GPU, synchronous data parallel (MirroredStrategy; the
+batch size stays the global batch), or on the CPU when there is none; a list pins the GPUs.
 """
 
 import dataclasses
@@ -42,15 +46,46 @@ CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 NESTEROV_MOMENTUM = 0.9  # optimizer `nesterov`: SGD with this Nesterov momentum (He et al., Page)
 
 
-def resolve_precision(precision: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """float32 or bfloat16: `auto` is bfloat16 where the CPU has native bfloat16 arithmetic."""
+def resolve_precision(precision: str, cpuinfo: Path = Path("/proc/cpuinfo"),
+                      gpu_capabilities: list[tuple[int, int]] | None = None) -> str:
+    """float32, bfloat16 or float16: `auto` is bfloat16 where every GPU in use (compute capability
+    8.0 on) or, without GPUs, the CPU has native bfloat16 arithmetic; float16 on GPUs of
+    capability 7.x (tensor cores without bfloat16)."""
     if precision != "auto":
         return precision
+    if gpu_capabilities:
+        oldest = min(gpu_capabilities)
+        return "bfloat16" if oldest >= (8, 0) else "float16" if oldest >= (7, 0) else "float32"
     try:
         flags = set(cpuinfo.read_text().split())
     except OSError:  # not Linux: no way to tell, so the safe choice
         return "float32"
     return "bfloat16" if flags.intersection(CPU_BF16_FLAGS) else "float32"
+
+
+def use_devices(devices: str | tuple[int, ...]) -> list[tuple[int, int]]:
+    """Hide the GPUs that `devices` leaves out (before TensorFlow starts its runtime); return the
+    compute capabilities of those in use."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if devices != "auto":
+        missing = [index for index in devices if index >= len(gpus)] if devices != "cpu" else []
+        if missing:
+            raise StageError(f"params.yaml: train.devices: no GPU {missing[0]} on this machine "
+                             f"({len(gpus)} visible)")
+        gpus = [] if devices == "cpu" else [gpus[index] for index in devices]
+        tf.config.set_visible_devices(gpus, "GPU")
+    return [tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0)) for gpu in gpus]
+
+
+def replicas() -> list[str]:
+    """The devices to train on: the visible GPUs, or none (the CPU)."""
+    return [device.name for device in tf.config.list_logical_devices("GPU")]
+
+
+def distribution(devices: list[str]) -> tf.distribute.Strategy:
+    """MirroredStrategy over several devices; on one, TensorFlow's default (with which Keras
+    compiles the training step with XLA on a GPU; it does not under a strategy)."""
+    return tf.distribute.MirroredStrategy(devices) if len(devices) > 1 else tf.distribute.get_strategy()
 
 
 def seed_everything(seed: int) -> None:
@@ -229,9 +264,14 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return images.mean(axis=(0, 1, 2), dtype=np.float64), images.var(axis=(0, 1, 2), dtype=np.float64)
 
 
+POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}  # float16: Keras adds loss scaling
+
+
 def compiled_model(spec: VariantSpec, x_fit: np.ndarray, num_classes: int, steps_per_epoch: int) -> keras.Model:
-    """The variant's network, compiled to run a whole epoch per call (no Python between steps)."""
-    keras.mixed_precision.set_global_policy("mixed_bfloat16" if spec.precision == "bfloat16" else "float32")
+    """The variant's network, compiled to run a whole epoch per call (no Python between steps);
+    under several replicas, one step per call (Keras 3 fails otherwise: keras-team/keras#19246).
+    Call it in the scope of the strategy that trains it."""
+    keras.mixed_precision.set_global_policy(POLICIES[spec.precision])
     model = build_model(num_classes=num_classes, input_shape=x_fit.shape[1:], name=spec.name,
                         input_stats=channel_stats(x_fit) if spec.standardize else None,
                         **spec.group(NETWORK))
@@ -239,7 +279,7 @@ def compiled_model(spec: VariantSpec, x_fit: np.ndarray, num_classes: int, steps
         optimizer=optimizer(spec, steps_per_epoch),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing),
         metrics=["accuracy"],
-        steps_per_execution=steps_per_epoch,
+        steps_per_execution=steps_per_epoch if tf.distribute.get_strategy().num_replicas_in_sync == 1 else 1,
     )
     return model
 
@@ -254,20 +294,24 @@ def replay(live: Live, history: list[dict]) -> None:
 
 def train(spec: VariantSpec, data: dict) -> None:
     """Fit the variant, resuming an interrupted run, and write its model, summary and history."""
-    spec = dataclasses.replace(spec, precision=resolve_precision(spec.precision))
-    print(f"[{spec.name}] training in {spec.precision}")
+    capabilities = use_devices(spec.devices)
+    spec = dataclasses.replace(spec, precision=resolve_precision(spec.precision, gpu_capabilities=capabilities))
+    devices = replicas()
+    print(f"[{spec.name}] training in {spec.precision} on {', '.join(devices) or 'the CPU'}")
     seed_everything(spec.seed)
     (x_fit, y_fit), validation_data = split_validation(data, spec.validation, spec.seed)
     checkpoints = checkpoint_dir(spec.name)
     expected = fingerprint(spec, [x_fit, y_fit, *validation_data])
     steps_per_epoch = math.ceil(len(x_fit) / spec.batch_size)
-    model = compiled_model(spec, x_fit, y_fit.shape[1], steps_per_epoch)
-    # Summarized before any training, so that a resumed run's summary is the same.
-    summary_lines: list[str] = []
-    model.summary(print_fn=lambda line, **_: summary_lines.append(line))
-    print("\n".join(summary_lines))
-    state = TrainingState(expected)
-    resumed = load_checkpoint(checkpoints, expected)
+    strategy = distribution(devices)
+    with strategy.scope():
+        model = compiled_model(spec, x_fit, y_fit.shape[1], steps_per_epoch)
+        # Summarized before any training, so that a resumed run's summary is the same.
+        summary_lines: list[str] = []
+        model.summary(print_fn=lambda line, **_: summary_lines.append(line))
+        print("\n".join(summary_lines))
+        state = TrainingState(expected)
+        resumed = load_checkpoint(checkpoints, expected)
     if resumed:
         model, state = resumed
         print(f"[{spec.name}] resuming after epoch {len(state.history)} from {checkpoints}/")
