@@ -76,14 +76,16 @@ def s3():
         server.wait()
 
 
-def make_origin(root: Path, *remote: list[str]) -> Path:
-    """A bare git repository holding the tiny project, with `remote`'s dvc commands applied."""
+def make_origin(root: Path, *remote: list[str], variants: tuple[str, ...] = ("small", "deep")) -> Path:
+    """A bare git repository holding the tiny project (with `variants`), with `remote`'s dvc commands applied."""
     project = root / "project"
     project.mkdir()
     for name in ("dvc.yaml", "src"):
         source = PROJECT / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, project / name)
-    (project / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    params = tiny_params()
+    params["variants"] = {name: params["variants"][name] for name in variants}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for command in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.email", "t@example.com"],
                     ["git", "config", "user.name", "t"], ["dvc", "init", "-q"], *remote,
                     ["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
@@ -154,6 +156,16 @@ def test_a_clone_gets_every_workers_result_without_training(pushed, tmp_path):
     assert "| small | dense |" in (c / "metrics/report.md").read_text()
     assert "Data and pipelines are up to date" in sh(c, "dvc", "status", env=no_source).stdout
 
+    # The results committed (dvc.lock, evaluations, report): a clone of them runs nothing at all.
+    sh(c, "git", "add", "-A")
+    sh(c, "git", "commit", "-qm", "results")
+    sh(c, "git", "push", "-q", "origin", "HEAD:main")
+    d = clone(origin, tmp_path / "d")
+    pulled = sh(d, "dvc", "repro", "--pull", env=no_source).stdout
+    assert "Running stage" not in pulled, pulled
+    assert (d / "models/deep.keras").read_bytes() == (b / "models/deep.keras").read_bytes()
+    assert "Data and pipelines are up to date" in sh(d, "dvc", "status", env=no_source).stdout
+
 
 def test_collect_trains_nothing_that_the_remote_lacks(pushed, tmp_path):
     origin, _, _, worker = pushed
@@ -186,13 +198,16 @@ def test_a_remote_that_does_not_answer_stops_a_worker_before_it_trains(pushed, t
     assert message[0].startswith(f"error: remote 'team' (s3://{BUCKET}/cache): `dvc fetch --run-cache` failed: ")
     assert message[-1].startswith("Check that the remote is reachable and your credentials for it")
     assert time.monotonic() - started < 120
-    assert not (e / "models").exists() and not (e / "data").exists()  # nothing ran
+    written = [path for folder in ("models", "data") for path in (e / folder).rglob("*")
+               if path.is_file() and path.name != ".gitignore"]
+    assert written == []  # nothing ran
     assert sh(e, "git", "status", "--porcelain").stdout == ""
 
 
 def test_an_experiment_travels_between_clones_with_its_data(tmp_path, environment):
     """`dvc exp push` / `dvc exp pull` through a bare git repository and a directory remote."""
-    origin = make_origin(tmp_path, ["dvc", "remote", "add", "-d", "team", str(tmp_path / "shared-drive")])
+    origin = make_origin(tmp_path, ["dvc", "remote", "add", "-d", "team", str(tmp_path / "shared-drive")],
+                         variants=("small",))
     first, second = clone(origin, tmp_path / "first"), clone(origin, tmp_path / "second")
     sh(first, "dvc", "exp", "run", "-n", "wider", "-S", "variants.small.widths=[24]", env=environment)
     sh(first, "dvc", "exp", "push", "origin", "wider", env=environment)
