@@ -15,7 +15,7 @@ import json
 import subprocess
 import sys
 
-from resnet_cifar.params import load_params
+from resnet_cifar.params import load_params, variant_spec
 from resnet_cifar.stage import StageError, run
 
 USAGE = "usage: python -m resnet_cifar.team variants | train VARIANT | collect"
@@ -48,8 +48,7 @@ def reproduce(*targets: str) -> None:
 
 
 def train(variant: str) -> None:
-    if variant not in load_params()["variants"]:
-        raise StageError(f"params.yaml: variants.{variant}: no such variant")
+    variant_spec(load_params(), variant)  # an unknown or invalid variant fails here, before any transfer
     remote = default_remote()
     transfer(remote, "fetch", "--run-cache")  # answers before an hour of training, not after
     reproduce(f"train@{variant}")
@@ -57,7 +56,7 @@ def train(variant: str) -> None:
     print(f"pushed train@{variant} and its run-cache entry to remote {remote}")
 
 
-def not_restorable(remote: str) -> list[str]:
+def not_restorable() -> list[str]:
     """The train stages that the remote cannot restore (after checking out those it can)."""
     from dvc.repo import Repo
     from dvc.stage.cache import RunCacheNotFoundError
@@ -77,7 +76,7 @@ def collect() -> None:
     remote = default_remote()
     transfer(remote, "fetch", "--run-cache")
     reproduce("prepare")  # the data the train stages' run-cache entries are keyed on
-    missing = not_restorable(remote)
+    missing = not_restorable()
     if missing:
         raise StageError(f"remote {remote} holds no run of {', '.join(missing)} for this code, data and "
                          "params; train it first: python -m resnet_cifar.team train <variant>")
