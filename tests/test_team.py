@@ -1,6 +1,8 @@
 """A small team on one machine: workers train variants and push them to a shared DVC remote (S3
-served by moto on 127.0.0.1, or a directory), and other clones get every result without training."""
+served by moto, an SSH server or a GCS emulator, all on 127.0.0.1, or a directory), and other clones
+get every result without training."""
 
+import getpass
 import json
 import os
 import shutil
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import boto3
 import pytest
@@ -20,6 +23,7 @@ from conftest import interrupt_at, tiny_params
 
 PROJECT = Path(__file__).resolve().parents[1]
 BUCKET = "team"
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"  # sshd must be started by its absolute path
 # dvc and python -m resnet_cifar.team, for the test's own commands and the workers'
 ENVIRONMENT = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
@@ -43,23 +47,32 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def serve(command: list[str], port: int, **popen) -> subprocess.Popen:
+    """Start a server and wait until it accepts connections on 127.0.0.1:`port`."""
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, f"{command[0]} did not start"
+            time.sleep(0.2)
+
+
+def stop(server: subprocess.Popen) -> None:
+    server.kill()
+    server.wait()
+
+
 @pytest.fixture(scope="module")
 def s3():
     """A local S3 API server that checks credentials, with a bucket and a worker allowed to use it."""
     port = free_port()
     # The first requests (the set-up below) need no credentials; every later one does.
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env=os.environ | {"INITIAL_NO_AUTH_ACTION_COUNT": "4"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = serve([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port,
+                   env=os.environ | {"INITIAL_NO_AUTH_ACTION_COUNT": "4"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "moto server did not start"
-            time.sleep(0.2)
     anyone = {"endpoint_url": url, "region_name": "us-east-1", "aws_access_key_id": "setup",
               "aws_secret_access_key": "setup"}
     boto3.client("s3", **anyone).create_bucket(Bucket=BUCKET)
@@ -72,8 +85,7 @@ def s3():
     try:
         yield server, url, credentials
     finally:
-        server.kill()
-        server.wait()
+        stop(server)
 
 
 def make_origin(root: Path, *remote: list[str], variants: tuple[str, ...] = ("small", "deep")) -> Path:
@@ -92,6 +104,11 @@ def make_origin(root: Path, *remote: list[str], variants: tuple[str, ...] = ("sm
         sh(project, *command)
     sh(root, "git", "clone", "-q", "--bare", str(project), str(root / "origin.git"))
     return root / "origin.git"
+
+
+def without_source(env: dict) -> dict:
+    """`env` with no CIFAR source: a clone that must not download (or train) anything."""
+    return {key: value for key, value in env.items() if not key.startswith("CIFAR_")}
 
 
 def clone(origin: Path, path: Path) -> Path:
@@ -141,7 +158,7 @@ def pushed(tmp_path_factory, s3, environment):
 def test_a_clone_gets_every_workers_result_without_training(pushed, tmp_path):
     origin, a, b, worker = pushed
     c = clone(origin, tmp_path / "c")
-    no_source = {key: value for key, value in worker.items() if not key.startswith("CIFAR_")}  # no data either
+    no_source = without_source(worker)
     pulled = sh(c, "dvc", "repro", "--pull", env=no_source).stdout  # the README's command
     assert "Running stage 'train@" not in pulled and "Running stage 'download'" not in pulled
     for variant in ("small", "deep"):
@@ -191,17 +208,22 @@ def test_a_remote_that_does_not_answer_stops_a_worker_before_it_trains(pushed, t
         sh(e, "dvc", "remote", "modify", "--local", "team", "endpointurl", f"http://127.0.0.1:{free_port()}")
     else:
         worker = worker | {"AWS_SECRET_ACCESS_KEY": "not-the-key"}
+    assert_stops_before_training(e, worker, f"s3://{BUCKET}/cache")
+
+
+def assert_stops_before_training(repo: Path, env: dict, url: str) -> None:
+    """`team train` in `repo` fails at once with one error naming the remote, and writes nothing."""
     started = time.monotonic()
-    trained = team(e, "train", "small", env=worker, ok=False)
+    trained = team(repo, "train", "small", env=env, ok=False)
     assert trained.returncode == 1
     message = trained.stderr.strip().splitlines()
-    assert message[0].startswith(f"error: remote 'team' (s3://{BUCKET}/cache): `dvc fetch --run-cache` failed: ")
+    assert message[0].startswith(f"error: remote 'team' ({url}): `dvc fetch --run-cache` failed: ")
     assert message[-1].startswith("Check that the remote is reachable and your credentials for it")
     assert time.monotonic() - started < 120
-    written = [path for folder in ("models", "data") for path in (e / folder).rglob("*")
+    written = [path for folder in ("models", "data") for path in (repo / folder).rglob("*")
                if path.is_file() and path.name != ".gitignore"]
     assert written == []  # nothing ran
-    assert sh(e, "git", "status", "--porcelain").stdout == ""
+    assert sh(repo, "git", "status", "--porcelain").stdout == ""
 
 
 def test_an_experiment_travels_between_clones_with_its_data(tmp_path, environment):
@@ -212,7 +234,7 @@ def test_an_experiment_travels_between_clones_with_its_data(tmp_path, environmen
     sh(first, "dvc", "exp", "run", "-n", "wider", "-S", "variants.small.widths=[24]", env=environment)
     sh(first, "dvc", "exp", "push", "origin", "wider", env=environment)
 
-    no_source = {key: value for key, value in environment.items() if not key.startswith("CIFAR_")}
+    no_source = without_source(environment)
     sh(second, "dvc", "exp", "pull", "origin", "wider", env=no_source)
     sh(second, "dvc", "exp", "apply", "wider", env=no_source)
     assert yaml.safe_load((second / "params.yaml").read_text())["variants"]["small"]["widths"] == [24]
@@ -221,3 +243,93 @@ def test_an_experiment_travels_between_clones_with_its_data(tmp_path, environmen
     shown = json.loads(sh(second, "dvc", "exp", "show", "--json", env=no_source).stdout)
     names = [exp["revs"][0]["name"] for row in shown for exp in row.get("experiments") or []]
     assert "wider" in names
+
+
+class Remote(NamedTuple):
+    """A team's remote as the tests use it: the `dvc` commands committed to set it up, the ones
+    each clone runs for itself (`--local`, not committed), and the environment its users need."""
+    url: str
+    setup: list[list[str]]
+    local: list[list[str]]
+    env: dict
+
+
+@pytest.fixture(scope="module")
+def ssh(tmp_path_factory):
+    """An SSH server on 127.0.0.1 that lets in one key; a home whose ~/.ssh has that key and knows the server."""
+    if not Path(SSHD).is_file():
+        pytest.skip(f"no {SSHD} (Debian's openssh-server; .ci/run installs it)")
+    root = tmp_path_factory.mktemp("ssh")
+    home = root / "home"
+    (home / ".ssh").mkdir(parents=True)
+    key = home / ".ssh" / "id_ed25519"
+    for path in (root / "host_key", key):
+        sh(root, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path))
+    shutil.copy(key.with_suffix(".pub"), root / "authorized_keys")
+    port = free_port()
+    (root / "sshd_config").write_text(f"""ListenAddress 127.0.0.1
+Port {port}
+HostKey {root / "host_key"}
+AuthorizedKeysFile {root / "authorized_keys"}
+PidFile {root / "sshd.pid"}
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+Subsystem sftp internal-sftp
+""")
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
+    server = serve([SSHD, "-D", "-e", "-f", str(root / "sshd_config")], port)
+    host_key = " ".join((root / "host_key.pub").read_text().split()[:2])
+    (home / ".ssh" / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key}\n")
+    url = f"ssh://{getpass.getuser()}@127.0.0.1:{port}{root / 'store'}"
+    try:
+        yield Remote(url, [["dvc", "remote", "add", "-d", "team", url]],
+                     [["dvc", "remote", "modify", "--local", "team", "keyfile", str(key)]],
+                     {"HOME": str(home)})
+    finally:
+        stop(server)
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    """A Google Cloud Storage emulator on 127.0.0.1 with the team's bucket (it checks no credentials)."""
+    port = free_port()
+    server = serve([str(Path(sys.executable).parent / "gcp-storage-emulator"), "start", "--host", "127.0.0.1",
+                    "--port", str(port), "--in-memory", "--default-bucket", BUCKET], port)
+    url = f"gs://{BUCKET}/cache"
+    try:
+        yield Remote(url, [["dvc", "remote", "add", "-d", "team", url],
+                           ["dvc", "remote", "modify", "team", "endpointurl", f"http://127.0.0.1:{port}"],
+                           ["dvc", "remote", "modify", "team", "allow_anonymous_login", "true"]],
+                     [], {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"})  # else gcsfs asks Google's API, not the emulator
+    finally:
+        stop(server)
+
+
+@pytest.mark.parametrize("kind", ["ssh", "gcs"])
+def test_a_clone_gets_a_workers_result_through_an_ssh_or_gcs_remote(kind, request, tmp_path, environment):
+    """The S3 round trip, one variant, through DVC's SSH and GCS plugins."""
+    remote = request.getfixturevalue(kind)
+    origin = make_origin(tmp_path, *remote.setup, variants=("small",))
+    worker, c = clone(origin, tmp_path / "worker"), clone(origin, tmp_path / "c")
+    for repo in (worker, c):
+        for command in remote.local:
+            sh(repo, *command)
+    team(worker, "train", "small", env=environment | remote.env)
+
+    no_source = without_source(environment) | remote.env
+    pulled = sh(c, "dvc", "repro", "--pull", env=no_source).stdout
+    assert "Stage 'train@small' is cached - skipping run" in pulled
+    assert "Running stage 'train@" not in pulled and "Running stage 'download'" not in pulled
+    for output in ("models/small.keras", "metrics/variants/small/train/metrics.json"):
+        assert (c / output).read_bytes() == (worker / output).read_bytes(), output
+    assert "Data and pipelines are up to date" in sh(c, "dvc", "status", env=no_source).stdout
+
+
+def test_a_key_the_ssh_server_refuses_stops_a_worker_before_it_trains(ssh, tmp_path, environment):
+    origin = make_origin(tmp_path, *ssh.setup, variants=("small",))
+    stranger = clone(origin, tmp_path / "stranger")
+    sh(tmp_path, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other_key"))
+    sh(stranger, "dvc", "remote", "modify", "--local", "team", "keyfile", str(tmp_path / "other_key"))
+    assert_stops_before_training(stranger, environment | ssh.env, ssh.url)
