@@ -159,19 +159,12 @@ def test_a_clone_gets_every_workers_result_without_training(pushed, tmp_path):
     origin, a, b, worker = pushed
     c = clone(origin, tmp_path / "c")
     no_source = without_source(worker)
-    pulled = sh(c, "dvc", "repro", "--pull", env=no_source).stdout  # the README's command
-    assert "Running stage 'train@" not in pulled and "Running stage 'download'" not in pulled
-    for variant in ("small", "deep"):
-        assert f"Stage 'train@{variant}' is cached - skipping run" in pulled
+    assert_pulls_without_training(c, no_source, {"small": a, "deep": b})
     for variant, worker_clone in (("small", a), ("deep", b)):
-        for output in (f"models/{variant}.keras", f"metrics/variants/{variant}/train/metrics.json",
-                       f"metrics/variants/{variant}/train_time.json"):
-            assert (c / output).read_bytes() == (worker_clone / output).read_bytes(), output
         evaluation = json.loads((c / f"metrics/variants/{variant}/evaluate.json").read_text())
         timing = json.loads((worker_clone / f"metrics/variants/{variant}/train_time.json").read_text())
         assert evaluation["train_time"]["train_seconds"] == timing["train_seconds"]
     assert "| small | dense |" in (c / "metrics/report.md").read_text()
-    assert "Data and pipelines are up to date" in sh(c, "dvc", "status", env=no_source).stdout
 
     # The results committed (dvc.lock, evaluations, report): a clone of them runs nothing at all.
     sh(c, "git", "add", "-A")
@@ -182,6 +175,19 @@ def test_a_clone_gets_every_workers_result_without_training(pushed, tmp_path):
     assert "Running stage" not in pulled, pulled
     assert (d / "models/deep.keras").read_bytes() == (b / "models/deep.keras").read_bytes()
     assert "Data and pipelines are up to date" in sh(d, "dvc", "status", env=no_source).stdout
+
+
+def assert_pulls_without_training(repo: Path, env: dict, trained_by: dict[str, Path]) -> None:
+    """The README's `dvc repro --pull` in `repo` restores each variant of `trained_by` from the remote,
+    byte-equal to its worker's, downloads and trains nothing, and leaves `dvc status` clean."""
+    pulled = sh(repo, "dvc", "repro", "--pull", env=env).stdout
+    assert "Running stage 'train@" not in pulled and "Running stage 'download'" not in pulled
+    for variant, worker in trained_by.items():
+        assert f"Stage 'train@{variant}' is cached - skipping run" in pulled
+        for output in (f"models/{variant}.keras", f"metrics/variants/{variant}/train/metrics.json",
+                       f"metrics/variants/{variant}/train_time.json"):
+            assert (repo / output).read_bytes() == (worker / output).read_bytes(), output
+    assert "Data and pipelines are up to date" in sh(repo, "dvc", "status", env=env).stdout
 
 
 def test_collect_trains_nothing_that_the_remote_lacks(pushed, tmp_path):
@@ -254,6 +260,11 @@ class Remote(NamedTuple):
     env: dict
 
 
+def new_key(path: Path) -> None:
+    """An ed25519 key pair without passphrase: `path` and `path`.pub."""
+    sh(path.parent, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path))
+
+
 @pytest.fixture(scope="module")
 def ssh(tmp_path_factory):
     """An SSH server on 127.0.0.1 that lets in one key; a home whose ~/.ssh has that key and knows the server."""
@@ -264,7 +275,7 @@ def ssh(tmp_path_factory):
     (home / ".ssh").mkdir(parents=True)
     key = home / ".ssh" / "id_ed25519"
     for path in (root / "host_key", key):
-        sh(root, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path))
+        new_key(path)
     shutil.copy(key.with_suffix(".pub"), root / "authorized_keys")
     port = free_port()
     (root / "sshd_config").write_text(f"""ListenAddress 127.0.0.1
@@ -317,19 +328,12 @@ def test_a_clone_gets_a_workers_result_through_an_ssh_or_gcs_remote(kind, reques
         for command in remote.local:
             sh(repo, *command)
     team(worker, "train", "small", env=environment | remote.env)
-
-    no_source = without_source(environment) | remote.env
-    pulled = sh(c, "dvc", "repro", "--pull", env=no_source).stdout
-    assert "Stage 'train@small' is cached - skipping run" in pulled
-    assert "Running stage 'train@" not in pulled and "Running stage 'download'" not in pulled
-    for output in ("models/small.keras", "metrics/variants/small/train/metrics.json"):
-        assert (c / output).read_bytes() == (worker / output).read_bytes(), output
-    assert "Data and pipelines are up to date" in sh(c, "dvc", "status", env=no_source).stdout
+    assert_pulls_without_training(c, without_source(environment) | remote.env, {"small": worker})
 
 
 def test_a_key_the_ssh_server_refuses_stops_a_worker_before_it_trains(ssh, tmp_path, environment):
     origin = make_origin(tmp_path, *ssh.setup, variants=("small",))
     stranger = clone(origin, tmp_path / "stranger")
-    sh(tmp_path, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other_key"))
+    new_key(tmp_path / "other_key")
     sh(stranger, "dvc", "remote", "modify", "--local", "team", "keyfile", str(tmp_path / "other_key"))
     assert_stops_before_training(stranger, environment | ssh.env, ssh.url)
