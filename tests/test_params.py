@@ -7,6 +7,7 @@ import yaml
 
 from conftest import TINY_CONV
 
+from resnet_cifar import train
 from resnet_cifar.models import build_model
 from resnet_cifar.params import NETWORK, ParamsError, data_params, load_params, variant_names, variant_spec
 
@@ -61,8 +62,8 @@ def test_a_conv_variant_builds_a_convolutional_residual_network():
 def test_adamw_takes_a_weight_decay():
     params = project_params()
     params["variants"]["deeper"] |= {"optimizer": "adamw", "weight_decay": 0.05}
-    spec = variant_spec(params, "deeper")
-    assert (spec.optimizer, spec.weight_decay) == ("adamw", 0.05)
+    built = train.optimizer(variant_spec(params, "deeper"), steps_per_epoch=10)
+    assert isinstance(built, keras.optimizers.AdamW) and built.weight_decay == pytest.approx(0.05)
 
 
 def test_a_single_l2_factor_applies_to_every_transition_dense(tmp_path):
