@@ -7,7 +7,8 @@
 (b) the `train` stage's path: `train.compiled_model` fed by `train.shuffled_batches`, at the
     precision params.yaml's `auto` resolves to here.
 With --levers, (b) again with one lever at a time taken back or added: float32 instead of
-bfloat16, one step per call instead of one epoch per call, XLA compilation.
+bfloat16, one step per call instead of one epoch per call, XLA compilation, grappler's remapper
+on (the stage turns it off: runtime.quiet_graph_optimizer).
 All train the baseline (985,482 parameters, batch 256) on data/prepared/ when it exists (run
 `dvc repro prepare` first), else on random data of CIFAR-10's shape. Prints the median seconds
 per epoch after the first (which includes tracing), the speed-up over (a), the achieved GFLOP/s
@@ -29,7 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from resnet_cifar import train
+from resnet_cifar import runtime, train
 from resnet_cifar.models import build_model
 from resnet_cifar.params import VariantSpec, load_params, variant_spec
 from resnet_cifar.prepare import PREPARED_DIR, load_prepared
@@ -84,6 +85,15 @@ def train_stage_path(x: np.ndarray, y: np.ndarray, spec: VariantSpec, steps_per_
     return timer.seconds
 
 
+def with_remapper(path) -> list[float]:
+    """Epoch times of `path` with grappler's remapper on, as TensorFlow has it by default."""
+    tf.config.optimizer.set_experimental_options({"remapping": True})
+    try:
+        return path()
+    finally:
+        runtime.quiet_graph_optimizer()
+
+
 def matmul_gflops(dtype: tf.DType, n: int = 4096, repeats: int = 10) -> float:
     a = tf.random.normal((n, n), dtype=tf.float32)
     a = tf.cast(a, dtype)
@@ -121,12 +131,13 @@ def main() -> None:
     parser.add_argument("--variant", help="time this variant in bfloat16 and float32 instead")
     parser.add_argument("--images", type=int, default=10_000, help="with --variant: training images used")
     args = parser.parse_args()
+    runtime.quiet_graph_optimizer()  # as the train stage
     if args.variant:
         compare_precisions(args.variant, args.epochs, args.images)
         return
     baseline = variant_spec(load_params(), "baseline")
     stage_spec = dataclasses.replace(baseline, epochs=args.epochs,
-                                     precision=train.resolve_precision(baseline.precision))
+                                     precision=runtime.resolve_precision(baseline.precision))
     x, y, source = training_data()
     flops_per_epoch = 6 * build_model(baseline.widths, num_classes=10).count_params() * len(x)
     print(f"baseline model, batch {baseline.batch_size}, {len(x):,} images from {source}, "
@@ -138,7 +149,8 @@ def main() -> None:
         float32_spec = dataclasses.replace(stage_spec, precision="float32")
         paths |= {"(b) in float32": lambda: train_stage_path(x, y, float32_spec),
                   "(b) with one step per call": lambda: train_stage_path(x, y, stage_spec, steps_per_call=1),
-                  "(b) with XLA": lambda: train_stage_path(x, y, stage_spec, xla=True)}
+                  "(b) with XLA": lambda: train_stage_path(x, y, stage_spec, xla=True),
+                  "(b) with grappler's remapper on": lambda: with_remapper(lambda: train_stage_path(x, y, stage_spec))}
     medians = {}
     for label, path in paths.items():
         seconds = path()

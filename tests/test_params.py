@@ -95,6 +95,8 @@ BAD_VALUES = [
     ("data.colour", "rgb", "data.colour: unknown key"),
     ("train.epochs", 0, "train.epochs: expected a positive integer, got 0"),
     ("train.epochs", 2.5, "train.epochs: expected a positive integer, got 2.5"),
+    ("train.max_epochs", 0, "train.max_epochs: expected a positive integer, got 0"),
+    ("variants.tuned.max_epochs", 2, "variants.tuned.max_epochs: unknown key"),
     ("train.batch_size", -8, "train.batch_size: expected a positive integer, got -8"),
     ("train.optimizer", "adagrad", "train.optimizer: expected one of adam, adamw, sgd"),
     ("train.weight_decay", 0.05, "train.weight_decay: expected 0 with optimizer adam (weight decay is adamw's)"),
@@ -170,6 +172,17 @@ def test_missing_keys_are_named(tmp_path, key):
         checked = load_params(path)
         data_params(checked)
         variant_spec(checked, "baseline")
+
+
+def test_max_epochs_caps_every_variant_and_shortens_its_warmup_and_decay():
+    params = project_params()
+    params["train"]["max_epochs"] = 2
+    capped = {name: variant_spec(params, name) for name in variant_names(params)}
+    assert {name: spec.epochs for name, spec in capped.items()} == dict.fromkeys(params["variants"], 2)
+    # tuned warms up for 3 of its 30 epochs: capped at 2, it warms up for 1, then decays to 0 by the end
+    assert (capped["tuned"].warmup_epochs, capped["tuned"].schedule) == (1, "cosine")
+    params["train"]["max_epochs"] = 50  # above some variants' epochs: those keep their own
+    assert variant_spec(params, "tuned").epochs == 30 and variant_spec(params, "baseline").epochs == 50
 
 
 def test_unknown_variant_lists_the_known_ones():

@@ -39,6 +39,11 @@ def repo(tmp_path_factory):
         source = PROJECT / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, root / name)
     (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    pipeline = yaml.safe_load((root / "dvc.yaml").read_text())
+    every_variant = next(entry for entry in pipeline["plots"] if "validation accuracy of every variant" in entry)
+    every_variant["validation accuracy of every variant"]["y"] = {
+        f"metrics/curves/accuracy/{variant}.csv": "validation" for variant in TINY_PARAMS["variants"]}
+    (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
     archive = make_archive(tmp_path_factory.mktemp("mirror"), "cifar-10-binary", n_train=100, n_test=50)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("CIFAR_SOURCE", str(archive.path))
@@ -60,7 +65,7 @@ def test_repro_writes_every_output(repo):
     for variant in TINY_PARAMS["variants"]:
         assert (repo / f"models/{variant}.keras").is_file()
         evaluation = json.loads((repo / f"metrics/variants/{variant}/evaluate.json").read_text())
-        assert set(evaluation) == {"train", "test", "overfit_gap", "train_time"}
+        assert set(evaluation) == {"train", "test", "overfit_gap", "train_time", "ran_on"}
         timing = json.loads((repo / f"metrics/variants/{variant}/train_time.json").read_text())
         assert evaluation["train_time"] == {key: timing[key] for key in ("train_seconds", "seconds_per_epoch",
                                                                          "peak_memory_mb")}
@@ -75,9 +80,25 @@ def test_repro_writes_every_output(repo):
     report = (repo / "metrics/report.md").read_text()
     assert "| small | dense | [16] |" in report and "| deep | dense | [16, 8] |" in report
     assert "| conv | conv | [4, 8] |" in report and "Best of each family: " in report
+    ran_on = json.loads((repo / "metrics/variants/small/evaluate.json").read_text())["ran_on"]
+    assert re.search(rf"^\| small \|.* \| tensorflow {ran_on['tensorflow']}, {ran_on['precision']}, "
+                     rf"{re.escape(ran_on['device'])} \|$", report, re.M), report
     assert "**deep vs small**" in report
     for figure in ("comparison.png", "curves_small.png", "curves_deep.png"):
         assert (repo / "metrics/report" / figure).stat().st_size > 1000
+    # dvc plots: train against validation per variant, and every variant's validation accuracy in one plot
+    plots = json.loads(sh(repo, "dvc", "plots", "show", "--json"))
+    assert not plots.get("errors"), plots["errors"]
+    every_variant = plots["data"]["validation accuracy of every variant"][0]["content"]["data"]["values"]
+    for variant in TINY_PARAMS["variants"]:
+        epochs = TINY_PARAMS["variants"][variant].get("epochs", TINY_PARAMS["train"]["epochs"])
+        history = (repo / f"metrics/variants/{variant}/train/plots/metrics/eval/accuracy.tsv").read_text().split()
+        validation = [row["validation"] for row in every_variant if row["filename"] == f"{variant}.csv"]
+        assert validation == [f"{float(value):.4f}" for value in history[3::2]]  # (step, accuracy) rows after the header
+        assert len(validation) == epochs
+        for metric in ("accuracy", "loss"):
+            drawn = plots["data"][f"metrics/curves/{metric}/{variant}.csv"][0]["content"]["data"]["values"]
+            assert {row["field"] for row in drawn} == {"train", "validation"}
     explore = json.loads((repo / "metrics/explore.json").read_text())
     assert explore["images"] == {"train": 100, "test": 50}
     assert "Data and pipelines are up to date" in sh(repo, "dvc", "status")
@@ -110,7 +131,7 @@ def committed_metrics(repo: Path) -> dict[str, bytes]:
     files = {path: (repo / path).read_bytes() for path in paths if not path.endswith((".png", "train_time.json"))}
     for path in [path for path in files if path.endswith("evaluate.json")]:
         files[path] = json.dumps(json.loads(files[path]) | {"train_time": None}).encode()
-    report = re.sub(rb"\| [\d.]+ (s|min) \(\w+\) \| [\d.]+ \|\n", b"|\n", files["metrics/report.md"])
+    report = re.sub(rb"\| [\d.]+ (s|min) \| [\d.]+ \|", b"|", files["metrics/report.md"])
     files["metrics/report.md"] = re.sub(rb" in [\d.]+ (s|min)", b"", report)  # the families' train times
     return files
 
@@ -120,24 +141,37 @@ def test_a_fresh_clone_reproduces_the_committed_metrics_exactly(repo, tmp_path):
     sh(repo, "git", "clone", "-q", "-b", "main", str(repo), str(clone))
     sh(clone, "dvc", "repro")  # the clone has no DVC cache: every stage runs again
     assert committed_metrics(clone) == committed_metrics(repo)
+    # The same weights are saved as the same bytes, so dvc.lock records the same models.
+    assert model_hashes(clone) == model_hashes(repo)
+
+
+def model_hashes(repo: Path) -> dict[str, str]:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])
+            if out["path"].endswith(".keras")}
 
 
 def test_queued_experiments_run_in_parallel_with_separate_results(repo):
     # (one variant's params, so that each experiment retrains that variant alone)
     for rate in ("0.01", "0.001"):
         sh(repo, "dvc", "exp", "run", "--queue", "-n", f"lr-{rate}", "-S", f"++variants.small.learning_rate={rate}")
+    # A pull request's short check: one cap for every variant, whatever its own epochs (conv: 4).
+    sh(repo, "dvc", "exp", "run", "--queue", "-n", "capped", "-S", "train.max_epochs=1")
     sh(repo, "dvc", "queue", "start", "-j", "2")
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 400
     while time.monotonic() < deadline and re.search(r"Queued|Running", sh(repo, "dvc", "queue", "status")):
         time.sleep(2)
     status = sh(repo, "dvc", "queue", "status")
-    assert status.count("Success") == 2, status
+    assert status.count("Success") == 3, status
     experiments = {}
     for row in json.loads(sh(repo, "dvc", "exp", "show", "--json")):
         for exp in row.get("experiments") or []:
             run = exp["revs"][0]
             experiments[run["name"]] = run["data"]
-    assert set(experiments) == {"lr-0.01", "lr-0.001"}
+    assert set(experiments) == {"lr-0.01", "lr-0.001", "capped"}
+    capped = experiments.pop("capped")["metrics"]
+    for variant in TINY_PARAMS["variants"]:  # DVCLive's step counts epochs from 0
+        assert capped[f"metrics/variants/{variant}/train/metrics.json"]["data"]["step"] == 0, variant
     test_losses = set()
     for name, run in experiments.items():
         assert run["params"]["params.yaml"]["data"]["variants"]["small"]["learning_rate"] == float(name[3:])
@@ -147,7 +181,8 @@ def test_queued_experiments_run_in_parallel_with_separate_results(repo):
 
 def test_ablation_runs_an_experiment_per_ingredient_and_tabulates_them(repo):
     from resnet_cifar.ablation import ABLATION_MD, MARKERS
-    readme = repo / "README.md"
+    readme = repo / "docs/tuning.md"
+    readme.parent.mkdir(exist_ok=True)
     readme.write_text(f"# project\n\n{MARKERS[0]}\nan old table\n{MARKERS[1]}\n\nmore\n")
     try:
         # The tiny `deep` variant's one ingredient is dropout (0.1).
@@ -165,12 +200,16 @@ def test_ablation_runs_an_experiment_per_ingredient_and_tabulates_them(repo):
         (repo / ABLATION_MD).unlink(missing_ok=True)
     assert set(experiments) == {"ablation-deep-reference", "ablation-deep-dropout"}
     for name, dropout in (("ablation-deep-reference", 0.1), ("ablation-deep-dropout", 0.0)):
-        deep = experiments[name]["params"]["params.yaml"]["data"]["variants"]["deep"]
-        assert (deep["epochs"], deep.get("dropout")) == (1, dropout)
-        accuracy = experiments[name]["metrics"]["metrics/variants/deep/evaluate.json"]["data"]["test"]["accuracy"]
+        params = experiments[name]["params"]["params.yaml"]["data"]
+        deep = params["variants"]["deep"]
+        # Every run, the reference too, is compared on a validation split, never on the test set.
+        assert (params["train"]["max_epochs"], deep.get("dropout"), deep["validation"]) == (1, dropout, 0.1)
+        trained = experiments[name]["metrics"]["metrics/variants/deep/train/metrics.json"]["data"]
+        accuracy = trained["val_accuracy"]
+        assert trained["step"] == 0  # one epoch, capped by max_epochs
         label = "every ingredient" if dropout else "without dropout"
         assert re.search(rf"\| (deep, )?{label} \| {accuracy:.4f} \|", table), table
-    assert "(1 epoch per run;" in table
+    assert "(1 epoch per run; accuracy at the last epoch on a validation split of 0.1" in table
     assert written == f"# project\n\n{MARKERS[0]}\n{table}{MARKERS[1]}\n\nmore\n"
     assert sh(repo, "git", "status", "--porcelain") == ""  # the workspace is as it was
 

@@ -67,3 +67,13 @@ def test_a_stage_prints_no_tensorflow_start_up_lines(tmp_path):
                            text=True)
     assert stage.returncode == 1
     assert stage.stderr == "error: usage: python -m resnet_cifar.train <variant>\n"
+
+
+def test_the_plot_of_every_variant_lists_every_variant():
+    from resnet_cifar.paths import curves_path
+    plots = {name: plot for entry in yaml.safe_load((PROJECT / "dvc.yaml").read_text())["plots"]
+             for name, plot in entry.items()}
+    variants = yaml.safe_load((PROJECT / "params.yaml").read_text())["variants"]
+    listed = plots["validation accuracy of every variant"]["y"]
+    assert listed == {str(curves_path("accuracy", variant)): "validation" for variant in variants}, \
+        "dvc.yaml: the plot 'validation accuracy of every variant' must list one file per variant of params.yaml"

@@ -1,7 +1,9 @@
 """A training stage killed mid-run resumes from its last checkpoint and ends exactly as an
 uninterrupted run does."""
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,16 +71,27 @@ def test_killed_training_resumes_and_ends_as_an_uninterrupted_run(tmp_path, monk
         np.testing.assert_array_equal(killed, reference)
 
 
-def test_a_checkpoint_of_other_params_is_not_resumed(tmp_path, monkeypatch):
+@pytest.mark.parametrize("change", ["params", "code"])
+def test_a_checkpoint_of_other_params_or_code_is_not_resumed(tmp_path, monkeypatch, change):
     setup_project(tmp_path, monkeypatch, "cifar-10-binary", n_train=1500, epochs=EPOCHS)
     prepare.main([])
-    interrupt_at(train_command("small"), f"[small] epoch 2/{EPOCHS}")
+    # The stage runs a copy of the package, which the code case then edits.
+    package = tmp_path / "code" / "resnet_cifar"
+    shutil.copytree(Path(train.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    env = os.environ | {"PYTHONPATH": str(package.parent)}
+    interrupt_at(train_command("small"), f"[small] epoch 2/{EPOCHS}", env=env)
     assert paths.checkpoint_dir("small").is_dir()
 
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    params["variants"]["small"]["learning_rate"] = 0.001
-    Path("params.yaml").write_text(yaml.safe_dump(params))
-    rerun = subprocess.run(train_command("small"), capture_output=True, text=True, timeout=300)
+    if change == "params":
+        params = yaml.safe_load(Path("params.yaml").read_text())
+        params["variants"]["small"]["learning_rate"] = 0.001
+        Path("params.yaml").write_text(yaml.safe_dump(params))
+        why = "params"
+    else:  # a module the train stage imports
+        augment = package / "augment.py"
+        augment.write_text(augment.read_text() + "\n# changed\n")
+        why = "resnet_cifar/augment.py"
+    rerun = subprocess.run(train_command("small"), capture_output=True, text=True, timeout=300, env=env)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert "made with other params or data; starting over" in rerun.stdout
+    assert f"checkpoints/small: made with a different {why}; starting over" in rerun.stdout
     assert f"[small] epoch 1/{EPOCHS}" in rerun.stdout and "resuming" not in rerun.stdout

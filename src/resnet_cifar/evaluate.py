@@ -3,7 +3,7 @@
     python -m resnet_cifar.evaluate <variant>
 
 Writes metrics/variants/<variant>/evaluate.json (train/test loss and accuracy, per-class test
-accuracy, top-5 accuracy when there are 100 classes, the train stage's times) and confusion.csv (one row per test image,
+accuracy, top-5 accuracy when there are 100 classes, the train stage's times and what it ran on) and confusion.csv (one row per test image,
 for DVC's confusion-matrix plot). With the variant's `tta`, every prediction is the mean of the
 predictions for the image and its mirror image.
 """
@@ -19,6 +19,7 @@ import numpy as np
 from resnet_cifar.params import load_params, variant_spec
 from resnet_cifar.paths import confusion_path, evaluate_path, model_path, timing_path
 from resnet_cifar.prepare import load_prepared
+from resnet_cifar.runtime import quiet_graph_optimizer
 from resnet_cifar.stage import StageError, all_or_nothing, atomic_path, run
 
 BATCH_SIZE = 1024
@@ -96,11 +97,13 @@ def main(argv: list[str]) -> None:
     spec = variant_spec(load_params(), argv[0])  # validates the variant's params
     variant = spec.name
     data = load_prepared()
+    quiet_graph_optimizer()
     metrics, true_ids, predicted_ids = evaluate(load_trained(model_path(variant)), data, spec.tta)
     # The train stage's outputs live in the DVC cache (a remote restores them without retraining);
-    # its times join the results kept in git, for `dvc metrics diff` in pull requests.
+    # its times, and what it ran on, join the results kept in git, for `dvc metrics diff` in pull requests.
     timing = json.loads(timing_path(variant).read_text())
     metrics["train_time"] = {key: value for key, value in timing.items() if isinstance(value, (int, float))}
+    metrics["ran_on"] = timing["ran_on"]
     with all_or_nothing(evaluate_path(variant), confusion_path(variant)):
         with atomic_path(evaluate_path(variant)) as tmp:
             tmp.write_text(json.dumps(metrics, indent=2) + "\n")

@@ -176,7 +176,9 @@ class VariantSpec:
 
 
 VARIANT_KEYS = tuple(f.name for f in fields(VariantSpec) if f.metadata)
-TRAIN_KEYS = tuple(name for name in VARIANT_KEYS if name != "widths")  # widths are each variant's own
+# widths are each variant's own; max_epochs caps every variant's epochs (a short check, such as a
+# pull request's), so it is the shared section's alone.
+TRAIN_KEYS = tuple(name for name in VARIANT_KEYS if name != "widths") + ("max_epochs",)
 WEIGHT_DECAY_OPTIMIZERS = ("adamw", "sgd", "nesterov")
 DENSE_ONLY = {"expansion": 1.0, "dropout": 0.0}  # and l2: each with its value that means "off"
 
@@ -259,6 +261,10 @@ def variant_spec(params: dict, name: str) -> VariantSpec:
         for dense_key, off in {**DENSE_ONLY, "l2": (0.0,) * n}.items():
             if values[dense_key] != off:
                 _fail(where[dense_key], f"{off} with arch conv (a dense network's key)", values[dense_key])
+    if defaults["max_epochs"] is not None:
+        cap = positive_int(defaults["max_epochs"], "train.max_epochs")
+        if values["epochs"] > cap:  # the run is shortened as a whole: its warm-up too, and its decay ends at the cap
+            values["epochs"], values["warmup_epochs"] = cap, min(values["warmup_epochs"], cap - 1)
     return VariantSpec(name=name, seed=params["seed"], **values)
 
 

@@ -14,6 +14,7 @@ VARIANTS_DIR = METRICS_DIR / "variants"
 REPORT_MD = METRICS_DIR / "report.md"
 REPORT_FIGURES_DIR = METRICS_DIR / "report"
 ABLATION_MD = METRICS_DIR / "ablation.md"
+CURVES_DIR = METRICS_DIR / "curves"  # the report's learning curves, for dvc.yaml's top-level plots
 CHECKPOINTS_DIR = Path(".dvc/tmp/checkpoints")  # outside the stages' outputs, which DVC deletes
 
 
@@ -45,6 +46,11 @@ def evaluate_path(variant: str) -> Path:
 
 def confusion_path(variant: str) -> Path:
     return VARIANTS_DIR / variant / "confusion.csv"
+
+
+def curves_path(metric: str, variant: str) -> Path:
+    """The variant's train and validation `metric` (accuracy, loss) by epoch."""
+    return CURVES_DIR / metric / f"{variant}.csv"
 
 
 def checkpoint_dir(variant: str) -> Path:

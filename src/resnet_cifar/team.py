@@ -13,7 +13,6 @@ answers before doing anything long.
 
 import json
 import subprocess
-import sys
 
 from resnet_cifar.params import load_params, variant_spec
 from resnet_cifar.stage import StageError, run

@@ -5,28 +5,18 @@
 Writes models/<variant>.keras, and under metrics/variants/<variant>/ the DVCLive history
 (train/), the wall times (train_time.json) and the model summary (summary.txt).
 
-Every epoch ends with a checkpoint in .dvc/tmp/checkpoints/<variant>/. A run that was killed
-resumes from it, and ends exactly as an uninterrupted run would: the batches of each epoch are
-shuffled and augmented by (seed, epoch) alone, and the checkpoint holds the optimizer and
-dropout RNG states.
-
-Precision `auto` trains in mixed bfloat16 where the hardware computes bfloat16 natively (a GPU
-from Ampere on; a CPU with AVX-512 BF16 or AMX: 1.6x faster than float32 on the baseline, 1.85x
-the assignment's code path, bench/bench_train.py), in mixed float16 with loss scaling on Volta and
-Turing GPUs, in float32 otherwise.
-
-`devices` `auto` trains on every visible GPU, synchronous data parallel (MirroredStrategy; the
-batch size stays the global batch), or on the CPU when there is none; a list pins the GPUs.
+Every epoch ends with a checkpoint (checkpoint.py). A run that was killed resumes from it, and ends
+exactly as an uninterrupted run would: the batches of each epoch are shuffled and augmented by
+(seed, epoch) alone, and the checkpoint holds the optimizer and dropout RNG states. Devices and
+precision: runtime.py.
 """
 
 import dataclasses
-import hashlib
 import json
 import math
 import resource
 import shutil
 import time
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -36,62 +26,16 @@ from dvclive.keras import DVCLiveCallback
 from dvclive.utils import standardize_metric_name
 
 from resnet_cifar.augment import augment
+from resnet_cifar.checkpoint import Checkpoint, TrainingState, fingerprint, load_checkpoint, save_model
 from resnet_cifar.models import build_model
 from resnet_cifar.params import NETWORK, VariantSpec, load_params, variant_spec
 from resnet_cifar.paths import checkpoint_dir, live_dir, model_path, summary_path, timing_path
 from resnet_cifar.prepare import load_prepared
+from resnet_cifar.runtime import (POLICIES, distribution, quiet_graph_optimizer, replicas, resolve_precision,
+                                  run_record, seed_everything, use_devices)
 from resnet_cifar.stage import StageError, all_or_nothing, atomic_path, run
 
-CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 NESTEROV_MOMENTUM = 0.9  # optimizer `nesterov`: SGD with this Nesterov momentum (He et al., Page)
-
-
-def resolve_precision(precision: str, cpuinfo: Path = Path("/proc/cpuinfo"),
-                      gpu_capabilities: list[tuple[int, int]] | None = None) -> str:
-    """float32, bfloat16 or float16: `auto` is bfloat16 where every GPU in use (compute capability
-    8.0 on) or, without GPUs, the CPU has native bfloat16 arithmetic; float16 on GPUs of
-    capability 7.x (tensor cores without bfloat16)."""
-    if precision != "auto":
-        return precision
-    if gpu_capabilities:
-        oldest = min(gpu_capabilities)
-        return "bfloat16" if oldest >= (8, 0) else "float16" if oldest >= (7, 0) else "float32"
-    try:
-        flags = set(cpuinfo.read_text().split())
-    except OSError:  # not Linux: no way to tell, so the safe choice
-        return "float32"
-    return "bfloat16" if flags.intersection(CPU_BF16_FLAGS) else "float32"
-
-
-def use_devices(devices: str | tuple[int, ...]) -> list[tuple[int, int]]:
-    """Hide the GPUs that `devices` leaves out (before TensorFlow starts its runtime); return the
-    compute capabilities of those in use."""
-    gpus = tf.config.list_physical_devices("GPU")
-    if devices != "auto":
-        missing = [index for index in devices if index >= len(gpus)] if devices != "cpu" else []
-        if missing:
-            raise StageError(f"params.yaml: train.devices: no GPU {missing[0]} on this machine "
-                             f"({len(gpus)} visible)")
-        gpus = [] if devices == "cpu" else [gpus[index] for index in devices]
-        tf.config.set_visible_devices(gpus, "GPU")
-    return [tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0)) for gpu in gpus]
-
-
-def replicas() -> list[str]:
-    """The devices to train on: the visible GPUs, or none (the CPU)."""
-    return [device.name for device in tf.config.list_logical_devices("GPU")]
-
-
-def distribution(devices: list[str]) -> tf.distribute.Strategy:
-    """MirroredStrategy over several devices; on one, TensorFlow's default (with which Keras
-    compiles the training step with XLA on a GPU; it does not under a strategy)."""
-    return tf.distribute.MirroredStrategy(devices) if len(devices) > 1 else tf.distribute.get_strategy()
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and TensorFlow, and make TF ops deterministic, for repeatable runs."""
-    keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
 
 
 def split_validation(data: dict, validation: str | float, seed: int):
@@ -123,65 +67,6 @@ def shuffled_batches(x: np.ndarray, y: np.ndarray, spec: VariantSpec, first_epoc
 
     batches = tf.data.Dataset.range(first_epoch, spec.epochs).flat_map(epoch_batches)
     return batches.prefetch(tf.data.AUTOTUNE)
-
-
-def fingerprint(spec: VariantSpec, arrays: list[np.ndarray]) -> str:
-    """What a checkpoint was made from: the variant's params and the training data."""
-    digest = hashlib.blake2b(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode())
-    for array in arrays:
-        digest.update(str(array.shape).encode())
-        digest.update(np.ascontiguousarray(array).data)
-    return digest.hexdigest()
-
-
-def seed_states(model: keras.Model) -> list:
-    """The dropout layers' RNG states, which Keras does not save with the model."""
-    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
-
-
-@dataclasses.dataclass
-class TrainingState:
-    """Where training stands: what a checkpoint holds besides the model."""
-
-    fingerprint: str
-    history: list[dict] = dataclasses.field(default_factory=list)  # Keras's logs, one per epoch
-    epoch_seconds: list[float] = dataclasses.field(default_factory=list)
-
-
-class Checkpoint(keras.callbacks.Callback):
-    """After each epoch, save the model, optimizer, dropout RNG and history, atomically."""
-
-    def __init__(self, directory: Path, state: TrainingState):
-        super().__init__()
-        self.directory, self.state = directory, state
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.state.history.append({name: float(value) for name, value in (logs or {}).items()})
-        with atomic_path(self.directory) as tmp:
-            tmp.mkdir()
-            self.model.save(tmp / "model.keras")
-            np.save(tmp / "seed_states.npy", np.array([v.numpy() for v in seed_states(self.model)]))
-            (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(self.state)))
-
-
-def load_checkpoint(directory: Path, expected_fingerprint: str) -> tuple[keras.Model, TrainingState] | None:
-    """The model and state saved by an interrupted run of the same params and data, if any."""
-    if not (directory / "state.json").is_file():
-        return None
-    try:
-        state = TrainingState(**json.loads((directory / "state.json").read_text()))
-        if state.fingerprint != expected_fingerprint:
-            print(f"{directory}: made with other params or data; starting over")
-            shutil.rmtree(directory)
-            return None
-        model = keras.models.load_model(directory / "model.keras")
-        for variable, value in zip(seed_states(model), np.load(directory / "seed_states.npy")):
-            variable.assign(value)
-    except (OSError, ValueError, TypeError) as err:
-        print(f"{directory}: unreadable checkpoint ({err}); starting over")
-        shutil.rmtree(directory)
-        return None
-    return model, state
 
 
 class EpochProgress(keras.callbacks.Callback):
@@ -264,9 +149,6 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return images.mean(axis=(0, 1, 2), dtype=np.float64), images.var(axis=(0, 1, 2), dtype=np.float64)
 
 
-POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}  # float16: Keras adds loss scaling
-
-
 def compiled_model(spec: VariantSpec, x_fit: np.ndarray, num_classes: int, steps_per_epoch: int) -> keras.Model:
     """The variant's network, compiled to run a whole epoch per call (no Python between steps);
     under several replicas, one step per call (Keras 3 fails otherwise: keras-team/keras#19246).
@@ -297,8 +179,11 @@ def train(spec: VariantSpec, data: dict) -> None:
     capabilities = use_devices(spec.devices)
     spec = dataclasses.replace(spec, precision=resolve_precision(spec.precision, gpu_capabilities=capabilities))
     devices = replicas()
-    print(f"[{spec.name}] training in {spec.precision} on {', '.join(devices) or 'the CPU'}")
+    record = run_record(spec.precision)
+    print(f"[{spec.name}] training in {spec.precision} on {', '.join(devices) or record['device']}, "
+          f"Keras {record['keras']} on {record['backend']} {record['tensorflow']}")
     seed_everything(spec.seed)
+    quiet_graph_optimizer()
     (x_fit, y_fit), validation_data = split_validation(data, spec.validation, spec.seed)
     checkpoints = checkpoint_dir(spec.name)
     expected = fingerprint(spec, [x_fit, y_fit, *validation_data])
@@ -330,13 +215,12 @@ def train(spec: VariantSpec, data: dict) -> None:
                       callbacks=[StopOnDivergence(spec.name), DVCLiveCallback(live=live),
                                  EpochProgress(spec.name, spec.epochs, state.epoch_seconds),
                                  Checkpoint(checkpoints, state)])
-        with atomic_path(model_path(spec.name)) as tmp:
-            model.save(tmp)
+        save_model(model, model_path(spec.name))
         # What depends on the machine stays out of DVCLive's metrics.json.
         timing = {"train_seconds": round(sum(state.epoch_seconds), 1),
                   "seconds_per_epoch": round(float(np.median(state.epoch_seconds)), 2),
                   "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-                  "precision": spec.precision}
+                  "ran_on": record}
         with atomic_path(timing_path(spec.name)) as tmp:
             tmp.write_text(json.dumps(timing, indent=2) + "\n")
         with atomic_path(summary_path(spec.name)) as tmp:
