@@ -73,7 +73,7 @@ def on_two_replicas(tmp_path_factory) -> Path:
     """A project whose tiny conv variant was trained on two replicas, uninterrupted."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         project = projects(tmp_path_factory.mktemp("replicas"), monkeypatch, ["two"])["two"]
-    assert "training in float32 on /device:CPU:0, /device:CPU:1\n" in run_in(project, train_on(2, "conv"))
+    assert "training in float32 on /device:CPU:0, /device:CPU:1, Keras " in run_in(project, train_on(2, "conv"))
     return project
 
 
@@ -83,7 +83,7 @@ def test_two_replicas_train_as_one_device_does_with_the_same_global_batch(on_two
     measured, its first epoch's train loss differs by 9e-8 relative (6.5e-5 unsynchronized, each
     replica normalizing by its half batch's statistics), its third by 2e-5; its weights by up to 1.5e-3."""
     runs = projects(tmp_path, monkeypatch, ["one"]) | {"two": on_two_replicas}
-    assert "training in float32 on /device:CPU:0\n" in run_in(runs["one"], train_on(1, "conv"))
+    assert "training in float32 on /device:CPU:0, Keras " in run_in(runs["one"], train_on(1, "conv"))
     one, two = history(runs["one"], "conv"), history(runs["two"], "conv")
     assert one.keys() == two.keys() and len(one["train/loss.tsv"]) == EPOCHS
     np.testing.assert_allclose(two["train/loss.tsv"][0], one["train/loss.tsv"][0], rtol=1e-6)

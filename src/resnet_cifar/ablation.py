@@ -90,8 +90,9 @@ def run_experiment(name: str, variant: str, changes: dict) -> None:
 
 
 def experiment_metrics(variant: str) -> dict[str, dict]:
-    """The variant's last-epoch training metrics (DVCLive's metrics.json: accuracy on the training
-    batches, val_accuracy on the validation split) in each named experiment, from `dvc exp show`."""
+    """The variant's last-epoch training metrics (DVCLive's metrics.json: train/accuracy on the
+    training batches, eval/accuracy on the validation split) in each named experiment, from
+    `dvc exp show`."""
     shown = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True)
     metrics = {}
     for row in json.loads(shown.stdout):
@@ -107,10 +108,10 @@ def experiment_metrics(variant: str) -> dict[str, dict]:
 def ablation_table(variant: str, epochs: int, validation: float, reference: dict,
                    without: dict[str, dict]) -> list[str]:
     def row(label: str, measured: dict, worth: str) -> str:
-        gap = measured["accuracy"] - measured["val_accuracy"]
-        return f"| {label} | {measured['val_accuracy']:.4f} | {measured['accuracy']:.4f} | {gap:.4f} | {worth} |"
+        train, validation = measured["train"]["accuracy"], measured["eval"]["accuracy"]
+        return f"| {label} | {validation:.4f} | {train:.4f} | {train - validation:.4f} | {worth} |"
 
-    accuracy = reference["val_accuracy"]
+    accuracy = reference["eval"]["accuracy"]
     rows = [f"Ablation of `{variant}` ({epochs} epoch{'s' if epochs != 1 else ''} per run; accuracy at the "
             f"last epoch on a validation split of {validation:g} of the training images, held out from "
             "training; train accuracy is on the augmented training batches).",
@@ -118,8 +119,9 @@ def ablation_table(variant: str, epochs: int, validation: float, reference: dict
             "| run | validation acc | train acc | gap | ingredient is worth |",
             "|---|---:|---:|---:|---:|",
             row(f"{variant}, every ingredient", reference, "")]
-    for ingredient, measured in sorted(without.items(), key=lambda item: item[1]["val_accuracy"]):
-        rows.append(row(f"without {ingredient}", measured, f"{(accuracy - measured['val_accuracy']) * 100:+.1f} points"))
+    for ingredient, measured in sorted(without.items(), key=lambda item: item[1]["eval"]["accuracy"]):
+        worth = f"{(accuracy - measured['eval']['accuracy']) * 100:+.1f} points"
+        rows.append(row(f"without {ingredient}", measured, worth))
     return rows
 
 

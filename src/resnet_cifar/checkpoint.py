@@ -24,9 +24,25 @@ from resnet_cifar.stage import atomic_path
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest a zip file can hold
 
 
+def numbered_shared_objects(config):
+    """The model's config with each `shared_object_id` (a Python object id, new in every process)
+    replaced by the order in which it first appears; objects that were shared stay shared."""
+    numbers: dict[int, int] = {}
+
+    def renumber(node):
+        if isinstance(node, dict):
+            return {key: numbers.setdefault(value, len(numbers) + 1) if key == "shared_object_id" else renumber(value)
+                    for key, value in node.items()}
+        if isinstance(node, list):
+            return [renumber(item) for item in node]
+        return node
+    return renumber(config)
+
+
 def save_model(model: keras.Model, path: Path) -> None:
     """Save a .keras file whose bytes depend on the model alone: Keras writes the save date into
-    metadata.json and the current time into each zip member's header, which are fixed here."""
+    metadata.json, Python object ids into config.json and the current time into each zip member's
+    header, which are fixed here."""
     with tempfile.TemporaryDirectory() as scratch:
         saved_path = Path(scratch) / path.name
         model.save(saved_path)
@@ -35,6 +51,8 @@ def save_model(model: keras.Model, path: Path) -> None:
                 content = saved.read(name)
                 if name == "metadata.json":
                     content = json.dumps(json.loads(content) | {"date_saved": None}).encode()
+                elif name == "config.json":
+                    content = json.dumps(numbered_shared_objects(json.loads(content))).encode()
                 out.writestr(zipfile.ZipInfo(name, ZIP_DATE), content, compress_type=zipfile.ZIP_DEFLATED)
 
 
