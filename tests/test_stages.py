@@ -173,7 +173,9 @@ def test_train_and_evaluate_print_no_false_errors(tmp_path, monkeypatch):
         assert not re.findall(r"^E\d{4} .*", ran.stderr, re.M), f"{stage}: {ran.stderr}"
 
 
-SEEDED_MODEL = "keras.utils.set_random_seed(0); model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])"
+# Named layers: Keras numbers unnamed ones by how many it has made in the process.
+SEEDED_MODEL = ("keras.utils.set_random_seed(0); model = keras.Sequential("
+                "[keras.Input((4,), name='image'), keras.layers.Dense(3, name='logits')], name='tiny')")
 
 
 def test_a_saved_model_is_the_same_bytes_for_the_same_weights(tmp_path):
