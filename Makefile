@@ -18,7 +18,7 @@ pipeline: $(BIN)/dvc
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: $(BIN)/dvc
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -n auto --dist loadfile --no-loadscope-reorder
 
 lock: $(BIN)/dvc
 	$(BIN)/pip install --quiet uv
