@@ -4,6 +4,8 @@ import signal
 import subprocess
 from pathlib import Path
 
+import keras
+import pytest
 import yaml
 
 from cifar_archives import make_archive
@@ -30,6 +32,14 @@ LONGEST_FILES = ("test_pipeline.py", "test_team.py")
 
 def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.path.name not in LONGEST_FILES)  # stable: the rest keep their order
+
+
+@pytest.fixture(autouse=True)
+def default_dtype_policy():
+    """Every test starts with Keras's float32 policy: the train stage sets a global one (mixed
+    bfloat16 where `precision: auto` finds AVX-512 BF16), which would leak into the next test."""
+    yield
+    keras.mixed_precision.set_global_policy("float32")
 
 
 def tiny_params(dataset: str = "cifar10", label_mode: str = "fine") -> dict:
@@ -62,10 +72,12 @@ EVERY_INGREDIENT = {"blocks": 2, "expansion": 2, "activation": "gelu", "norm": "
                     "label_smoothing": 0.1, "ema": 0.9, "tta": True}
 
 # A tiny convolutional variant with every ingredient fast CIFAR training uses.
-TINY_CONV = {"widths": [4, 8], "arch": "conv", "stem": 4, "blocks": [1, 1], "downsample": "pool", "norm": "batch",
-             "standardize": True, "flip": True, "crop": 2, "optimizer": "nesterov", "learning_rate": 0.05,
-             "weight_decay": 0.005, "warmup_epochs": 1, "schedule": "linear", "label_smoothing": 0.2, "ema": 0.9,
-             "tta": True, "precision": "float32"}  # bfloat16 convolutions are emulated, ~10x slower, without AVX-512 BF16
+TINY_CONV = {"widths": [4, 8], "arch": "conv", "stem": "whiten", "blocks": [1, 1], "downsample": "pool_first",
+             "conv_init": "dirac", "norm": "batch", "norm_momentum": 0.6, "norm_scale": False, "logit_scale": 0.2,
+             "standardize": True, "flip": "alternate", "crop": 2, "optimizer": "nesterov", "learning_rate": 0.05,
+             "norm_lr_factor": 4, "weight_decay": 0.005, "warmup_epochs": 1, "schedule": "linear",
+             "label_smoothing": 0.2, "ema": 0.9, "tta": "shifts",
+             "precision": "float32"}  # bfloat16 convolutions are emulated, ~10x slower, without AVX-512 BF16
 
 
 def interrupt_at(command: list[str], line_start: str, sig: int = signal.SIGKILL,

@@ -123,3 +123,23 @@ def test_every_epoch_has_its_own_batch_order():
     orders = [tuple(np.concatenate(batches[epoch * 4:(epoch + 1) * 4])) for epoch in range(4)]
     assert all(sorted(order) == list(range(20)) for order in orders)  # each epoch sees every image once
     assert len(set(orders)) == 4
+
+
+def test_alternating_flips_mirror_each_image_in_every_other_epoch():
+    # Through the train stage's batches: each image (told apart by its label) is mirrored in
+    # exactly one of any two epochs in a row, about half of them in the first.
+    params = {**TINY_PARAMS, "variants": {"v": {"widths": [4], "epochs": 3, "batch_size": 16, "flip": "alternate"}}}
+    x, y = random_images(200), np.eye(200, dtype=np.float32)
+    batches = list(train.shuffled_batches(x, y, variant_spec(params, "v"), first_epoch=0))
+    per_epoch = len(batches) // 3
+    mirrored_by_epoch = []
+    for epoch in range(3):
+        mirrored = np.zeros(200, bool)
+        for images, labels in batches[epoch * per_epoch:(epoch + 1) * per_epoch]:
+            for image, index in zip(images.numpy(), np.argmax(labels.numpy(), axis=1)):
+                assert np.array_equal(image, x[index][:, ::-1]) or np.array_equal(image, x[index])
+                mirrored[index] = np.array_equal(image, x[index][:, ::-1])
+        mirrored_by_epoch.append(mirrored)
+    assert 70 < mirrored_by_epoch[0].sum() < 130
+    np.testing.assert_array_equal(mirrored_by_epoch[1], ~mirrored_by_epoch[0])
+    np.testing.assert_array_equal(mirrored_by_epoch[2], mirrored_by_epoch[0])

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from resnet_cifar.models import build_model, conv_block, prenorm_block, residual_block
+from resnet_cifar.models import ConvStyle, PartialDirac, build_model, conv_block, prenorm_block, residual_block, whitening_kernel
 
 
 def relu(x):
@@ -181,7 +181,7 @@ def conv2d_same(x: np.ndarray, kernel: np.ndarray, stride: int = 1) -> np.ndarra
 @pytest.mark.parametrize("filters, strides", [(3, 1), (5, 2)], ids=["identity", "projection"])
 def test_conv_block_computes_he_et_als_equations(filters, strides):
     inputs = keras.Input(shape=(4, 4, 3))
-    block = keras.Model(inputs, conv_block(inputs, filters, strides, "relu", "none", name="b"))
+    block = keras.Model(inputs, conv_block(inputs, filters, strides, ConvStyle(norm="none"), name="b"))
     x = np.random.default_rng(0).normal(size=(2, 4, 4, 3)).astype(np.float32)
     (w1,), (w2,) = block.get_layer("b_conv1").get_weights(), block.get_layer("b_conv2").get_weights()
     h = conv2d_same(relu(conv2d_same(x, w1, strides)), w2)
@@ -221,3 +221,79 @@ def test_standardization_is_a_layer_saved_with_the_model(tmp_path):
     standardize = keras.Model(model.input, model.get_layer("standardize").output)
     x = np.random.default_rng(0).uniform(size=(3, 2, 2, 3)).astype(np.float32)
     np.testing.assert_allclose(standardize.predict(x, verbose=0), (x - mean) / np.sqrt(variance), rtol=1e-5)
+
+
+def correlated_images(count: int = 200, seed: int = 0) -> np.ndarray:
+    """Smooth random images: neighbouring pixels and the channels strongly correlated, as in photos."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(count, 9, 9, 1))
+    smooth = base[:, :-1, :-1] + base[:, 1:, :-1] + base[:, :-1, 1:] + base[:, 1:, 1:]
+    return (smooth * np.array([1.0, 0.8, 0.6]) + 0.1 * rng.normal(size=(count, 8, 8, 3))).astype(np.float32)
+
+
+def test_whitening_kernel_decorrelates_the_patches_and_adds_their_negatives():
+    images = correlated_images()
+    kernel = whitening_kernel(images, epsilon=0.0)
+    assert kernel.shape == (2, 2, 3, 24)
+    np.testing.assert_allclose(kernel[..., 12:], -kernel[..., :12])
+    windows = np.lib.stride_tricks.sliding_window_view(images, (2, 2), axis=(1, 2))
+    patches = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, 12).astype(np.float64)
+    raw = patches.T @ patches / len(patches)
+    assert np.abs(raw - np.diag(np.diag(raw))).max() > 0.5  # correlated before
+    whitened = patches @ kernel[..., :12].reshape(12, 12)
+    np.testing.assert_allclose(whitened.T @ whitened / len(whitened), np.eye(12), atol=1e-6)
+
+
+def test_the_whitening_stem_is_fixed_whitens_the_standardized_images_and_is_saved(tmp_path):
+    images = correlated_images()
+    mean, variance = images.mean(axis=(0, 1, 2)), images.var(axis=(0, 1, 2))
+    model = build_model([4], 3, input_shape=(8, 8, 3), arch="conv", blocks=0, stem="whiten", downsample="pool",
+                        norm="batch", input_stats=(mean, variance), training_images=images)
+    whiten = model.get_layer("stem_whiten")
+    assert [w.name for w in whiten.trainable_weights] == ["bias"]  # the filters never train
+    expected = whitening_kernel((images - mean) / np.sqrt(variance))
+    np.testing.assert_allclose(whiten.kernel.numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert model.get_layer("stem_whiten_act").output.shape[1:] == (7, 7, 24)  # "valid" 2x2: one pixel less
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(loaded.get_layer("stem_whiten").kernel.numpy(), whiten.kernel.numpy())
+    with pytest.raises(ValueError, match="training_images"):
+        build_model([4], 3, input_shape=(8, 8, 3), arch="conv", blocks=0, stem="whiten", downsample="pool")
+
+
+def test_dirac_initialization_passes_the_first_channels_through():
+    kernel = PartialDirac(seed=1)((3, 3, 4, 6)).numpy()
+    x = np.random.default_rng(2).normal(size=(1, 5, 5, 4)).astype(np.float32)
+    y = keras.ops.conv(x, kernel, padding="same").numpy()
+    np.testing.assert_allclose(y[..., :4], x, atol=1e-6)  # identity on the first four filters
+    assert np.std(kernel[..., 4:]) > 0.1 and np.count_nonzero(kernel[..., 4:]) == 3 * 3 * 4 * 2  # He-normal
+    model = build_model([4], 2, input_shape=(8, 8, 3), arch="conv", blocks=1, stem=4, downsample="pool",
+                        norm="batch", conv_init="dirac")
+    square = model.get_layer("stage1_block1_conv2").kernel.numpy()
+    np.testing.assert_array_equal(square[1, 1], np.eye(4))  # a square convolution starts as the identity
+    assert np.count_nonzero(square) == 4
+
+
+def test_pool_first_transitions_normalize_and_activate_the_pooled_pixels():
+    def order(downsample):
+        model = build_model([8], 2, input_shape=(8, 8, 3), arch="conv", blocks=0, stem=4, downsample=downsample,
+                            norm="batch")
+        return [layer.name for layer in model.layers if layer.name.startswith("stage1")]
+    assert order("pool_first") == ["stage1_conv", "stage1_pool", "stage1_conv_norm", "stage1_conv_act"]
+    assert order("pool") == ["stage1_conv", "stage1_conv_norm", "stage1_conv_act", "stage1_pool"]
+
+
+def test_batch_norm_momentum_and_frozen_scales_reach_every_batch_norm():
+    model = build_model([4, 8], 2, input_shape=(8, 8, 3), arch="conv", blocks=1, stem=4, downsample="pool_first",
+                        norm="batch", norm_momentum=0.6, norm_scale=False)
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(norms) == 7 and all(norm.momentum == 0.6 and norm.gamma is None for norm in norms)
+
+
+def test_logit_scale_divides_the_logits_before_the_softmax():
+    model = build_model([4], 3, input_shape=(2, 2, 3), logit_scale=0.25)
+    x = np.random.default_rng(3).normal(size=(5, 2, 2, 3)).astype(np.float32)
+    logits = keras.Model(model.input, model.get_layer("classifier").output).predict(x, verbose=0)
+    scaled = np.exp(0.25 * logits) / np.exp(0.25 * logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(model.predict(x, verbose=0), scaled, rtol=1e-5)
+    assert build_model([4], 3, input_shape=(2, 2, 3)).count_params() == model.count_params()

@@ -2,6 +2,7 @@ import re
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 import yaml
 
@@ -41,6 +42,7 @@ def test_the_assignments_variants_build_the_assignments_networks(name, parameter
     assert not (spec.flip or spec.translate or spec.crop or spec.mixup or spec.standardize or spec.tta
                 or spec.weight_decay or spec.warmup_epochs or spec.label_smoothing or spec.ema)
     assert spec.schedule == "constant" and spec.validation == "test"
+    assert (spec.logit_scale, spec.norm_lr_factor) == (1.0, 1.0)
 
 
 def test_tuned_is_still_a_dense_residual_network():
@@ -53,10 +55,23 @@ def test_tuned_is_still_a_dense_residual_network():
 def test_a_conv_variant_builds_a_convolutional_residual_network():
     params = load_params(PROJECT_PARAMS)
     params["variants"]["conv"] = TINY_CONV
-    model = build_model(num_classes=10, **variant_spec(params, "conv").group(NETWORK))
+    images = np.random.default_rng(0).uniform(size=(16, 32, 32, 3)).astype(np.float32)
+    model = build_model(num_classes=10, training_images=images, **variant_spec(params, "conv").group(NETWORK))
     kinds = {type(layer).__name__ for layer in model.layers}
     assert {"Conv2D", "BatchNormalization", "Add", "GlobalAveragePooling2D"} <= kinds
     assert "Flatten" not in kinds
+
+
+def test_the_conv_variant_is_airbench_shaped_with_residual_blocks():
+    params = load_params(PROJECT_PARAMS)
+    images = np.random.default_rng(0).uniform(size=(64, 32, 32, 3)).astype(np.float32)
+    model = build_model(num_classes=10, training_images=images, **variant_spec(params, "conv").group(NETWORK))
+    shapes = {name: model.get_layer(name).output.shape[1:] for name in
+              ("stem_whiten_act", "stage1_conv_act", "stage1_block1_out", "stage2_conv_act", "stage3_conv_act",
+               "stage3_block1_out", "probabilities")}
+    assert shapes == {"stem_whiten_act": (31, 31, 24), "stage1_conv_act": (15, 15, 64), "stage1_block1_out": (15, 15, 64),
+                      "stage2_conv_act": (7, 7, 256), "stage3_conv_act": (3, 3, 256), "stage3_block1_out": (3, 3, 256),
+                      "probabilities": (10,)}
 
 
 def test_adamw_takes_a_weight_decay():
@@ -105,11 +120,18 @@ BAD_VALUES = [
     ("train.warmup_epochs", 1.5, "train.warmup_epochs: expected an integer in [0, epochs)"),
     ("train.schedule", "step", "train.schedule: expected one of constant, cosine"),
     ("train.arch", "vit", "train.arch: expected one of dense, conv, got 'vit'"),
-    ("train.stem", 0, "train.stem: expected a positive integer, got 0"),
-    ("train.downsample", "avg", "train.downsample: expected one of stride, pool"),
+    ("train.stem", 0, "train.stem: expected a positive number of filters, or whiten, got 0"),
+    ("train.stem", "pca", "train.stem: expected a positive number of filters, or whiten, got 'pca'"),
+    ("train.downsample", "avg", "train.downsample: expected one of stride, pool, pool_first"),
+    ("train.conv_init", "zeros", "train.conv_init: expected one of he, dirac"),
+    ("train.norm_momentum", 1.0, "train.norm_momentum: expected a number in [0, 1)"),
+    ("train.norm_scale", "no", "train.norm_scale: expected true or false"),
+    ("train.logit_scale", 0, "train.logit_scale: expected a number in (0, inf)"),
+    ("train.norm_lr_factor", 64, "train.norm_lr_factor: expected 1 with optimizer adam (the factor is sgd's and nesterov's)"),
+    ("variants.conv.norm_lr_factor", -1, "variants.conv.norm_lr_factor: expected a number in (0, inf)"),
     ("train.crop", 16, "train.crop: expected an integer number of pixels in [0, 16)"),
     ("train.ema", 1.0, "train.ema: expected a number in [0, 1)"),
-    ("train.tta", "yes", "train.tta: expected true or false, got 'yes'"),
+    ("train.tta", "yes", "train.tta: expected true, false or shifts, got 'yes'"),
     ("train.standardize", 1, "train.standardize: expected true or false, got 1"),
     ("variants.deeper.blocks", [1, 1, 1], "variants.deeper.blocks: expected 4 values (one per width), got 3"),
     ("variants.deeper.blocks", [1, -1, 1, 1], "variants.deeper.blocks[1]: expected an integer >= 0, got -1"),
@@ -125,7 +147,8 @@ BAD_VALUES = [
     ("train.activation", "tanh", "train.activation: expected one of relu, gelu"),
     ("train.norm", "group", "train.norm: expected one of none, layer, batch"),
     ("train.prenorm", "yes", "train.prenorm: expected true or false, got 'yes'"),
-    ("train.flip", 1, "train.flip: expected true or false, got 1"),
+    ("train.flip", 1, "train.flip: expected true, false or alternate, got 1"),
+    ("train.flip", "random", "train.flip: expected true, false or alternate, got 'random'"),
     ("train.translate", 16, "train.translate: expected an integer number of pixels in [0, 16)"),
     ("train.translate", -2, "train.translate: expected an integer number of pixels in [0, 16)"),
     ("train.mixup", -0.2, "train.mixup: expected a number in [0, inf)"),

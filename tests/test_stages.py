@@ -113,6 +113,35 @@ def test_every_ingredient_trains_saves_and_evaluates(tmp_path, monkeypatch):
                                                     abs=1e-3)
 
 
+def sgd_steps(model: keras.Model, factor: float, gradient: float, **sgd_kwargs) -> dict[str, np.ndarray]:
+    """Each weight's change in one step of train.SGD (the weights are put back after it)."""
+    start = [w.numpy() for w in model.trainable_weights]
+    optimizer = train.SGD(factor, train.norm_weight_paths(model), learning_rate=0.1, **sgd_kwargs)
+    optimizer.apply_gradients((np.full(w.shape, gradient, np.float32), w) for w in model.trainable_weights)
+    steps = {w.path: w.numpy() - before for w, before in zip(model.trainable_weights, start)}
+    for w, before in zip(model.trainable_weights, start):
+        w.assign(before)
+    return steps
+
+
+def test_norm_lr_factor_scales_the_steps_of_the_norm_weights_alone():
+    from resnet_cifar.models import build_model
+    model = build_model([4], 3, input_shape=(4, 4, 3), arch="conv", blocks=1, stem=4, downsample="pool",
+                        norm="batch")
+    norm_paths = train.norm_weight_paths(model)
+    assert set(norm_paths) == {w.path for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
+                               for w in layer.trainable_weights} and len(norm_paths) == 8
+    plain = sgd_steps(model, 1.0, 0.5, momentum=0.9, nesterov=True)
+    boosted = sgd_steps(model, 4.0, 0.5, momentum=0.9, nesterov=True)
+    for path, step in plain.items():
+        np.testing.assert_allclose(boosted[path], 4 * step if path in norm_paths else step, rtol=1e-6)
+    # Weight decay stays the same for every weight.
+    plain, boosted = sgd_steps(model, 1.0, 0.0, weight_decay=0.1), sgd_steps(model, 4.0, 0.0, weight_decay=0.1)
+    assert any(np.any(plain[path]) for path in norm_paths)  # the scales (gamma) decay
+    for path, step in plain.items():
+        np.testing.assert_array_equal(boosted[path], step)
+
+
 def test_learning_rate_warms_up_then_decays():
     spec = variant_spec({**tiny_params(), "variants": {"v": {"widths": [4], "epochs": 10, "learning_rate": 0.01,
                                                              "warmup_epochs": 2, "schedule": "cosine"}}}, "v")
@@ -346,6 +375,19 @@ def test_ablation_can_take_away_only_the_named_ingredients():
     assert chosen(uses, ["GELU", "crops"]) == {"GELU": {"activation": "relu"}, "crops": {"crop": 0}}
     with pytest.raises(StageError, match=r"--only: the variant does not use mixup \(it uses: crops, flips, GELU\)"):
         chosen(uses, ["crops", "mixup"])
+
+
+def test_shifted_test_time_augmentation_averages_six_views():
+    from resnet_cifar.models import build_model
+    model = build_model([8], 3, input_shape=(4, 4, 3))
+    x = np.random.default_rng(1).uniform(size=(5, 4, 4, 3)).astype(np.float32)
+    rows = np.array([1, 0, 1, 2])  # mirror-padded by one pixel: row -1 is row 1, row 4 is row 2
+    down_right = x[:, rows][:, :, rows]  # the image moved one pixel down and right
+    up_left = x[:, [1, 2, 3, 2]][:, :, [1, 2, 3, 2]]  # and one pixel up and left
+    views = [evaluate.predict(model, view, tta=True) for view in (x, down_right, up_left)]
+    expected = views[0] / 2 + (views[1] + views[2]) / 4
+    np.testing.assert_allclose(evaluate.predict(model, x, tta="shifts"), expected, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(expected, views[0])
 
 
 def test_test_time_augmentation_averages_the_image_and_its_mirror():

@@ -47,6 +47,12 @@ INGREDIENTS = {
     "label smoothing": ("label_smoothing",),
     "weight average (EMA)": ("ema",),
     "dropout": ("dropout",),
+    "patch whitening": ("stem",),
+    "Dirac initialization": ("conv_init",),
+    "batch norm momentum": ("norm_momentum",),
+    "frozen norm scales": ("norm_scale",),
+    "norm learning-rate factor": ("norm_lr_factor",),
+    "logit scale": ("logit_scale",),
 }  # test-time augmentation acts in `evaluate`, on the test set, so it is not ablated here
 
 

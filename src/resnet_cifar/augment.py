@@ -1,4 +1,4 @@
-"""Random changes to training batches: flips, translations, crops and mixup.
+"""Random changes to training batches: flips (random or alternating), translations, crops and mixup.
 
 Every random draw is stateless, from a seed that `train` derives from (params seed, epoch,
 batch), so a resumed run augments exactly as an uninterrupted one would.
@@ -7,10 +7,23 @@ batch), so a resumed run augments exactly as an uninterrupted one would.
 import tensorflow as tf
 
 
+def mirror(images: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """The images with those where `mask` (one bool per image) is true mirrored left-right."""
+    return tf.where(mask[:, None, None, None], tf.reverse(images, axis=[2]), images)
+
+
 def flip(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     """Mirror each image left-right with probability 1/2."""
-    mirrored = tf.random.stateless_uniform([tf.shape(images)[0], 1, 1, 1], seed) < 0.5
-    return tf.where(mirrored, tf.reverse(images, axis=[2]), images)
+    return mirror(images, tf.random.stateless_uniform([tf.shape(images)[0]], seed) < 0.5)
+
+
+def alternating_flip(images: tf.Tensor, indices: tf.Tensor, count: int, epoch: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Mirror a random half of the training images in even epochs and the other half in odd ones,
+    so that every image is seen both ways in any two epochs in a row (airbench's alternating flip).
+    `indices` are the batch's positions in the training set of `count` images; the half is drawn
+    from `seed` once per image, whatever the batch."""
+    first_half = tf.random.stateless_uniform([count], seed) < 0.5
+    return mirror(images, tf.not_equal(tf.gather(first_half, indices), epoch % 2 == 1))
 
 
 def translate(images: tf.Tensor, pixels: int, seed: tf.Tensor, fill: str = "CONSTANT") -> tf.Tensor:

@@ -5,7 +5,7 @@
 Writes metrics/variants/<variant>/evaluate.json (train/test loss and accuracy, per-class test
 accuracy, top-5 accuracy when there are 100 classes, the train stage's times and what it ran on) and confusion.csv (one row per test image,
 for DVC's confusion-matrix plot). With the variant's `tta`, every prediction is the mean of the
-predictions for the image and its mirror image.
+predictions for the image and its mirror image (and with `shifts`, of those shifted by a pixel).
 """
 
 import csv
@@ -16,6 +16,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from resnet_cifar import models  # noqa: F401 (registers the custom layers a saved model may hold)
 from resnet_cifar.params import load_params, variant_spec
 from resnet_cifar.paths import confusion_path, evaluate_path, model_path, timing_path
 from resnet_cifar.prepare import load_prepared
@@ -50,13 +51,20 @@ def cross_entropy(labels: np.ndarray, probabilities: np.ndarray) -> float:
     return float(np.mean(-np.sum(labels * np.log(clipped), axis=1)))
 
 
-def predict(model: keras.Model, images: np.ndarray, tta: bool) -> np.ndarray:
-    """Class probabilities; with `tta`, the mean of those of the image and its mirror image."""
+def predict(model: keras.Model, images: np.ndarray, tta: bool | str) -> np.ndarray:
+    """Class probabilities; with `tta` true, the mean of those of the image and its mirror image;
+    with "shifts", half that mean and half the same mean for the image shifted by one pixel
+    diagonally either way (mirror-padded): airbench's six views."""
     probabilities = model.predict(images, batch_size=BATCH_SIZE, verbose=0)
-    if tta:
-        mirrored = model.predict(images[:, :, ::-1], batch_size=BATCH_SIZE, verbose=0)
-        probabilities = (probabilities + mirrored) / 2
-    return probabilities
+    if not tta:
+        return probabilities
+    probabilities = (probabilities + model.predict(images[:, :, ::-1], batch_size=BATCH_SIZE, verbose=0)) / 2
+    if tta != "shifts":
+        return probabilities
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    height, width = images.shape[1:3]
+    shifted = [padded[:, :height, :width], padded[:, 2:, 2:]]
+    return (probabilities + sum(predict(model, view, True) for view in shifted) / 2) / 2
 
 
 def evaluate(model: keras.Model, data: dict, tta: bool = False) -> tuple[dict, np.ndarray, np.ndarray]:

@@ -108,6 +108,22 @@ def check_blocks(value: Any, where: str) -> tuple[int, ...]:
     return (positive_int(value, where),)
 
 
+def choice_or_boolean(*options: str) -> Check:
+    """true, false, or one of `options`."""
+    def check(value: Any, where: str) -> bool | str:
+        if not isinstance(value, bool) and value not in options:
+            _fail(where, "true, false or " + ", ".join(options), value)
+        return value
+    return check
+
+
+def check_stem(value: Any, where: str) -> int | str:
+    """The filters of the stem convolution, or `whiten` (the fixed patch-whitening layer)."""
+    if value != "whiten" and (not _is_int(value) or value <= 0):
+        _fail(where, "a positive number of filters, or whiten", value)
+    return value
+
+
 def check_validation(value: Any, where: str) -> str | float:
     if value == "test":
         return value
@@ -140,17 +156,21 @@ class VariantSpec:
     arch: str = key(choice("dense", "conv"), NETWORK)
     widths: tuple[int, ...] = key(check_widths, NETWORK)  # dense: units per stage; conv: filters per stage
     blocks: tuple[int, ...] = key(check_blocks, NETWORK)  # residual blocks per stage
-    stem: int = key(positive_int, NETWORK)  # conv: filters of the stem convolution
-    downsample: str = key(choice("stride", "pool"), NETWORK)  # conv: how a stage halves the image
+    stem: int | str = key(check_stem, NETWORK)  # conv: filters of the stem convolution, or "whiten"
+    downsample: str = key(choice("stride", "pool", "pool_first"), NETWORK)  # conv: how a stage halves the image
+    conv_init: str = key(choice("he", "dirac"), NETWORK)  # conv: dirac starts filters as the identity
+    norm_momentum: float = key(number(0.0, 1.0, high_open=True), NETWORK)  # batch norm's moving statistics
+    norm_scale: bool = key(boolean, NETWORK)  # batch norm learns a scale (false: its offset alone)
     expansion: float = key(number(0.0, low_open=True), NETWORK)  # dense: a block's hidden width factor
     activation: str = key(choice("relu", "gelu"), NETWORK)
     norm: str = key(choice("none", "layer", "batch"), NETWORK)
     prenorm: bool = key(boolean, NETWORK)  # x + f(norm(x)) blocks (pre-activation, for conv)
     dropout: float = key(number(0.0, 1.0, high_open=True), NETWORK)  # dense: after each transition
     l2: tuple[float, ...] = key(per_width(number(0.0)), NETWORK)  # dense: one factor per transition
+    logit_scale: float = key(number(0.0, low_open=True), NETWORK)  # the classifier's logits times this
     # the input it sees
     standardize: bool = key(boolean, INPUT)  # per-channel, with the training images' mean and std
-    flip: bool = key(boolean, INPUT)
+    flip: bool | str = key(choice_or_boolean("alternate"), INPUT)  # true: random; alternate: by epoch
     translate: int = key(int_in(0, 16, "an integer number of pixels in [0, 16)"), INPUT)  # zero-filled
     crop: int = key(int_in(0, 16, "an integer number of pixels in [0, 16)"), INPUT)  # reflect-padded
     mixup: float = key(number(0.0), INPUT)  # Beta(mixup, mixup) mixing weights; 0: off
@@ -159,6 +179,7 @@ class VariantSpec:
     batch_size: int = key(positive_int, OPTIMIZATION)
     optimizer: str = key(choice("adam", "adamw", "sgd", "nesterov"), OPTIMIZATION)
     learning_rate: float = key(number(0.0, low_open=True), OPTIMIZATION)  # the peak, after warm-up
+    norm_lr_factor: float = key(number(0.0, low_open=True), OPTIMIZATION)  # sgd: the norm layers' learning rate factor
     weight_decay: float = key(number(0.0), OPTIMIZATION)  # decoupled: w -= lr * weight_decay * w
     warmup_epochs: int = key(int_in(0, 1_000_000, "an integer in [0, epochs)"), OPTIMIZATION)
     schedule: str = key(choice("constant", "cosine", "linear"), OPTIMIZATION)
@@ -168,7 +189,7 @@ class VariantSpec:
     devices: str | tuple[int, ...] = key(check_devices, OPTIMIZATION)  # several: synchronous data parallel
     validation: str | float = key(check_validation, OPTIMIZATION)  # "test", or the fraction of train held out
     # the evaluation
-    tta: bool = key(boolean, EVALUATION)  # mean prediction of the image and its mirror
+    tta: bool | str = key(choice_or_boolean("shifts"), EVALUATION)  # true: the image and its mirror; shifts: and 1-pixel shifts
 
     def group(self, name: str) -> dict[str, Any]:
         """The variant's keys of one group (NETWORK: the model builder's arguments)."""
@@ -180,6 +201,7 @@ VARIANT_KEYS = tuple(f.name for f in fields(VariantSpec) if f.metadata)
 # pull request's), so it is the shared section's alone.
 TRAIN_KEYS = tuple(name for name in VARIANT_KEYS if name != "widths") + ("max_epochs",)
 WEIGHT_DECAY_OPTIMIZERS = ("adamw", "sgd", "nesterov")
+SGD_OPTIMIZERS = ("sgd", "nesterov")
 DENSE_ONLY = {"expansion": 1.0, "dropout": 0.0}  # and l2: each with its value that means "off"
 
 
@@ -257,6 +279,9 @@ def variant_spec(params: dict, name: str) -> VariantSpec:
     if values["weight_decay"] and values["optimizer"] not in WEIGHT_DECAY_OPTIMIZERS:
         _fail(where["weight_decay"], f"0 with optimizer {values['optimizer']} (weight decay is adamw's)",
               values["weight_decay"])
+    if values["norm_lr_factor"] != 1 and values["optimizer"] not in SGD_OPTIMIZERS:
+        _fail(where["norm_lr_factor"], f"1 with optimizer {values['optimizer']} (the factor is sgd's and nesterov's)",
+              values["norm_lr_factor"])
     if values["arch"] == "conv":
         for dense_key, off in {**DENSE_ONLY, "l2": (0.0,) * n}.items():
             if values[dense_key] != off:

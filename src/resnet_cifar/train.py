@@ -25,7 +25,7 @@ from dvclive import Live
 from dvclive.keras import DVCLiveCallback
 from dvclive.utils import standardize_metric_name
 
-from resnet_cifar.augment import augment
+from resnet_cifar.augment import alternating_flip, augment
 from resnet_cifar.checkpoint import Checkpoint, TrainingState, fingerprint, load_checkpoint, save_model
 from resnet_cifar.models import build_model
 from resnet_cifar.params import NETWORK, VariantSpec, load_params, variant_spec
@@ -54,6 +54,14 @@ def shuffled_batches(x: np.ndarray, y: np.ndarray, spec: VariantSpec, first_epoc
     the batches an uninterrupted one would."""
     images, labels = tf.constant(x), tf.constant(y)
     augmented = spec.flip or spec.translate or spec.crop or spec.mixup
+    halves_seed = tf.constant([spec.seed, -1], tf.int64)  # alternating flips: each image's first epoch
+
+    def batch_of(epoch, epoch_seed, step, batch):
+        batch_images = tf.gather(images, batch)
+        if spec.flip == "alternate":
+            batch_images = alternating_flip(batch_images, batch, len(x), epoch, halves_seed)
+        return augment(batch_images, tf.gather(labels, batch), spec.flip is True, spec.translate, spec.crop,
+                       spec.mixup, tf.random.experimental.stateless_fold_in(epoch_seed, step))
 
     def epoch_batches(epoch):
         epoch_seed = tf.stack([tf.constant(spec.seed, tf.int64), epoch])
@@ -61,9 +69,7 @@ def shuffled_batches(x: np.ndarray, y: np.ndarray, spec: VariantSpec, first_epoc
         batches = tf.data.Dataset.from_tensor_slices(order).batch(spec.batch_size)
         if not augmented:
             return batches.map(lambda batch: (tf.gather(images, batch), tf.gather(labels, batch)))
-        return batches.enumerate().map(lambda step, batch: augment(
-            tf.gather(images, batch), tf.gather(labels, batch), spec.flip, spec.translate, spec.crop,
-            spec.mixup, tf.random.experimental.stateless_fold_in(epoch_seed, step)))
+        return batches.enumerate().map(lambda step, batch: batch_of(epoch, epoch_seed, step, batch))
 
     batches = tf.data.Dataset.range(first_epoch, spec.epochs).flat_map(epoch_batches)
     return batches.prefetch(tf.data.AUTOTUNE)
@@ -130,8 +136,38 @@ def learning_rate(spec: VariantSpec, steps_per_epoch: int) -> float | WarmupThen
                            spec.epochs * steps_per_epoch, spec.schedule)
 
 
-def optimizer(spec: VariantSpec, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """The variant's optimizer; weight decay is decoupled (Keras's), EMA is Keras's weight average."""
+@keras.saving.register_keras_serializable(package="resnet_cifar")
+class SGD(keras.optimizers.SGD):
+    """Keras's SGD, whose steps for the weights at `boosted_paths` (the norm layers' offsets and
+    scales) are `factor` times larger (airbench's 64: batch norm's offsets learn slowly otherwise);
+    their weight decay stays the other weights'."""
+
+    def __init__(self, factor: float = 1.0, boosted_paths: tuple[str, ...] = (), **kwargs):
+        super().__init__(**kwargs)
+        self.factor, self.boosted_paths = factor, tuple(boosted_paths)
+
+    def build(self, variables):
+        super().build(variables)
+        self.boosted = [variable.path in self.boosted_paths for variable in variables]
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self.boosted[self._get_variable_index(variable)]:
+            learning_rate = learning_rate * self.factor
+        super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self):
+        return super().get_config() | {"factor": self.factor, "boosted_paths": list(self.boosted_paths)}
+
+
+def norm_weight_paths(model: keras.Model) -> tuple[str, ...]:
+    """The paths of the trainable weights of the model's normalization layers."""
+    norms = (keras.layers.BatchNormalization, keras.layers.LayerNormalization)
+    return tuple(weight.path for layer in model.layers if isinstance(layer, norms) for weight in layer.trainable_weights)
+
+
+def optimizer(spec: VariantSpec, steps_per_epoch: int, norm_paths: tuple[str, ...] = ()) -> keras.optimizers.Optimizer:
+    """The variant's optimizer; weight decay is decoupled (Keras's), EMA is Keras's weight average.
+    SGD's steps for the weights at `norm_paths` are norm_lr_factor times larger."""
     common = {"learning_rate": learning_rate(spec, steps_per_epoch), "weight_decay": spec.weight_decay or None}
     if spec.ema:  # the model ends training with the averaged weights
         common |= {"use_ema": True, "ema_momentum": spec.ema}
@@ -140,8 +176,8 @@ def optimizer(spec: VariantSpec, steps_per_epoch: int) -> keras.optimizers.Optim
     if spec.optimizer == "adam":
         return keras.optimizers.Adam(**common)
     if spec.optimizer == "nesterov":
-        return keras.optimizers.SGD(momentum=NESTEROV_MOMENTUM, nesterov=True, **common)
-    return keras.optimizers.SGD(**common)
+        return SGD(spec.norm_lr_factor, norm_paths, momentum=NESTEROV_MOMENTUM, nesterov=True, **common)
+    return SGD(spec.norm_lr_factor, norm_paths, **common)
 
 
 def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -155,10 +191,10 @@ def compiled_model(spec: VariantSpec, x_fit: np.ndarray, num_classes: int, steps
     Call it in the scope of the strategy that trains it."""
     keras.mixed_precision.set_global_policy(POLICIES[spec.precision])
     model = build_model(num_classes=num_classes, input_shape=x_fit.shape[1:], name=spec.name,
-                        input_stats=channel_stats(x_fit) if spec.standardize else None,
+                        input_stats=channel_stats(x_fit) if spec.standardize else None, training_images=x_fit,
                         **spec.group(NETWORK))
     model.compile(
-        optimizer=optimizer(spec, steps_per_epoch),
+        optimizer=optimizer(spec, steps_per_epoch, norm_weight_paths(model)),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing),
         metrics=["accuracy"],
         steps_per_execution=steps_per_epoch if tf.distribute.get_strategy().num_replicas_in_sync == 1 else 1,
@@ -181,7 +217,7 @@ def train(spec: VariantSpec, data: dict) -> None:
     devices = replicas()
     record = run_record(spec.precision)
     print(f"[{spec.name}] training in {spec.precision} on {', '.join(devices) or record['device']}, "
-          f"Keras {record['keras']} on {record['backend']} {record['tensorflow']}")
+          f"Keras {record['keras']} on {record['backend']} {record[record['backend']]}")
     seed_everything(spec.seed)
     quiet_graph_optimizer()
     (x_fit, y_fit), validation_data = split_validation(data, spec.validation, spec.seed)
