@@ -180,10 +180,10 @@ def test_queued_experiments_run_in_parallel_with_separate_results(repo):
 
 
 def test_ablation_runs_an_experiment_per_ingredient_and_tabulates_them(repo):
-    from resnet_cifar.ablation import ABLATION_MD, MARKERS
+    from resnet_cifar.ablation import ABLATION_MD, markers
     readme = repo / "docs/tuning.md"
     readme.parent.mkdir(exist_ok=True)
-    readme.write_text(f"# project\n\n{MARKERS[0]}\nan old table\n{MARKERS[1]}\n\nmore\n")
+    readme.write_text(f"# project\n\n{markers('deep')[0]}\nan old table\n{markers('deep')[1]}\n\nmore\n")
     try:
         # The tiny `deep` variant's one ingredient is dropout (0.1).
         sh(repo, sys.executable, "-m", "resnet_cifar.ablation", "--variant", "deep", "--epochs", "1")
@@ -210,7 +210,8 @@ def test_ablation_runs_an_experiment_per_ingredient_and_tabulates_them(repo):
         label = "every ingredient" if dropout else "without dropout"
         assert re.search(rf"\| (deep, )?{label} \| {accuracy:.4f} \|", table), table
     assert "(1 epoch per run; accuracy at the last epoch on a validation split of 0.1" in table
-    assert written == f"# project\n\n{MARKERS[0]}\n{table}{MARKERS[1]}\n\nmore\n"
+    assert table.startswith(markers("deep")[0] + "\n") and table.endswith(markers("deep")[1] + "\n")
+    assert written == f"# project\n\n{table}\nmore\n"  # the same table, between the same markers
     assert sh(repo, "git", "status", "--porcelain") == ""  # the workspace is as it was
 
 

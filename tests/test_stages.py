@@ -358,9 +358,16 @@ def test_ablation_takes_each_ingredient_back_to_the_train_defaults():
     params["variants"]["conv"] = TINY_CONV
     defaults = train_defaults(params)
     conv = ingredients_on(variant_spec(params, "conv"), defaults)
-    assert {"standardization", "flips", "crops", "normalization", "weight decay", "warm-up and decay",
-            "label smoothing"} <= set(conv)
+    assert {"standardization", "flips", "alternating flips", "crops", "normalization", "weight decay",
+            "warm-up and decay", "label smoothing", "patch whitening", "pool-first transitions", "Dirac initialization",
+            "batch norm momentum", "frozen norm scales", "norm learning-rate factor", "logit scale"} <= set(conv)
     assert "translations" not in conv and "mixup" not in conv  # off in the conv variant
+    # Some are taken away by another value than the default: random flips, a trained stem, Page's order.
+    assert (conv["alternating flips"], conv["flips"]) == ({"flip": True}, {"flip": False})
+    assert (conv["patch whitening"], conv["pool-first transitions"]) == ({"stem": 24}, {"downsample": "pool"})
+    page = ingredients_on(variant_spec(params | {"variants": {"p": TINY_CONV | {"downsample": "pool", "flip": True,
+                                                                                 "stem": 24}}}, "p"), defaults)
+    assert not {"alternating flips", "patch whitening", "pool-first transitions"} & set(page)
     assert not any("test-time" in name for name in conv)  # TTA acts on the test set alone
     assert conv["crops"] == {"crop": defaults["crop"]} and conv["warm-up and decay"] == {
         "warmup_epochs": defaults["warmup_epochs"], "schedule": defaults["schedule"]}
