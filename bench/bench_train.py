@@ -2,6 +2,7 @@
 
     python bench/bench_train.py [--epochs 5] [--levers]
     python bench/bench_train.py --variant conv [--epochs 3] [--images 10000]
+    python bench/bench_train.py --variant tuned --input [--epochs 3] [--images 10000]
 
 (a) the assignment's own path: the functional model fed float32 numpy arrays, `model.fit` defaults;
 (b) the `train` stage's path: `train.compiled_model` fed by `train.shuffled_batches`, at the
@@ -19,6 +20,11 @@ idle machine.
 With --variant, times the train stage's path of that variant of params.yaml instead, in bfloat16
 and in float32 side by side, next to the baseline's, on the first --images training images, and
 prints the seconds a full epoch would take and the ratio to the baseline's epoch.
+
+With --input, measures the input pipeline's share of that variant's epoch (at the precision `auto`
+resolves to): the seconds of the pipeline alone, of training fed by it, and of training on the
+same batches replayed from memory; the share is the time training would save if its input were
+free.
 """
 
 import argparse
@@ -71,16 +77,17 @@ def assignment_path(x: np.ndarray, y: np.ndarray, spec: VariantSpec) -> list[flo
 
 
 def train_stage_path(x: np.ndarray, y: np.ndarray, spec: VariantSpec, steps_per_call: int | None = None,
-                     xla: bool = False) -> list[float]:
+                     xla: bool = False, batches: tf.data.Dataset | None = None) -> list[float]:
     """Epoch times of the train stage's model and input pipeline; steps_per_call and xla recompile
-    it to measure those levers."""
+    it to measure those levers; `batches` replaces the input pipeline."""
     steps_per_epoch = math.ceil(len(x) / spec.batch_size)
     model = train.compiled_model(spec, x, y.shape[1], steps_per_epoch)
     if steps_per_call or xla:
         model.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"], jit_compile=xla,
                       steps_per_execution=steps_per_call or steps_per_epoch)
     timer = EpochTimer()
-    model.fit(train.shuffled_batches(x, y, spec, first_epoch=0), steps_per_epoch=steps_per_epoch,
+    batches = train.shuffled_batches(x, y, spec, first_epoch=0) if batches is None else batches
+    model.fit(batches, steps_per_epoch=steps_per_epoch,
               epochs=spec.epochs, shuffle=False, verbose=0, callbacks=[timer])
     return timer.seconds
 
@@ -124,14 +131,43 @@ def compare_precisions(variant: str, epochs: int, images: int) -> None:
                   f"baseline's bfloat16 epoch", flush=True)
 
 
+def input_share(variant: str, epochs: int, images: int) -> None:
+    """The input pipeline's share of the variant's training epoch, measured on `images` images."""
+    x, y, source = training_data()
+    x, y = x[:images], y[:images]
+    scale = 50_000 / len(x)
+    spec = variant_spec(load_params(), variant)
+    spec = dataclasses.replace(spec, epochs=epochs, precision=runtime.resolve_precision(spec.precision))
+    steps_per_epoch = math.ceil(len(x) / spec.batch_size)
+    print(f"{variant}'s input pipeline, {len(x):,} images from {source}, {spec.precision}, {epochs} epochs "
+          "each (the first is not counted), seconds scaled to 50,000 images")
+    pipeline = iter(train.shuffled_batches(x, y, spec, first_epoch=0))
+    for _ in range(steps_per_epoch):  # the first epoch: tracing
+        next(pipeline)
+    started = time.perf_counter()
+    for _ in range(steps_per_epoch):
+        next(pipeline)
+    alone = (time.perf_counter() - started) * scale
+    fed = float(np.median(train_stage_path(x, y, spec)[1:])) * scale
+    # The first epoch fills the cache; the later ones replay its batches from memory.
+    cached = train.shuffled_batches(x, y, spec, first_epoch=0).take(steps_per_epoch).cache().repeat()
+    replayed = float(np.median(train_stage_path(x, y, spec, batches=cached)[1:])) * scale
+    print(f"the pipeline alone: {alone:.1f} s/epoch; training fed by it: {fed:.1f} s/epoch; training on "
+          f"batches replayed from memory: {replayed:.1f} s/epoch; the pipeline's share: {1 - replayed / fed:.0%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=5, help="epochs per path (the first is not counted)")
     parser.add_argument("--levers", action="store_true", help="also time (b) with each lever changed")
     parser.add_argument("--variant", help="time this variant in bfloat16 and float32 instead")
     parser.add_argument("--images", type=int, default=10_000, help="with --variant: training images used")
+    parser.add_argument("--input", action="store_true", help="with --variant: the input pipeline's share of an epoch")
     args = parser.parse_args()
     runtime.quiet_graph_optimizer()  # as the train stage
+    if args.input:
+        input_share(args.variant or "tuned", args.epochs, args.images)
+        return
     if args.variant:
         compare_precisions(args.variant, args.epochs, args.images)
         return

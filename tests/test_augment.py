@@ -1,3 +1,4 @@
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -80,6 +81,23 @@ def test_mixup_blends_images_and_labels_by_the_same_weight():
         assert mixed_labels[i, i] == pytest.approx(weight) and mixed_labels[i, partner] == pytest.approx(1 - weight)
         np.testing.assert_allclose(mixed_images[i], weight * images[i] + (1 - weight) * images[partner], atol=1e-6)
     assert sorted(partners) == list(range(32))  # the batch blended with a shuffled copy of itself
+
+
+def test_label_smoothing_smooths_mixed_labels_as_it_would_each_partner():
+    # The train stage's loss on a mixed batch is the mixup weight's blend of the label-smoothed
+    # losses against each partner's label (Bachmann et al. train with both: mixup 0.8, smoothing 0.3).
+    params = {**TINY_PARAMS, "variants": {"v": {"widths": [4], "mixup": 0.8, "label_smoothing": 0.3,
+                                                "precision": "float32"}}}
+    images, labels = random_images(16), np.eye(16, dtype=np.float32)
+    model = train.compiled_model(variant_spec(params, "v"), images, num_classes=16, steps_per_epoch=1)
+    mixed_images, mixed_labels = (t.numpy() for t in augment.mixup(tf.constant(images), tf.constant(labels), 0.8, SEED))
+    weight = mixed_labels[0, 0]
+    partners = np.argmax(np.where(labels == 1, -1, mixed_labels), axis=1)
+    probabilities = model(mixed_images)
+    per_image = keras.losses.CategoricalCrossentropy(label_smoothing=0.3, reduction=None)
+    blended = weight * per_image(labels, probabilities) + (1 - weight) * per_image(labels[partners], probabilities)
+    assert 0.05 < weight < 0.95
+    np.testing.assert_allclose(model.loss(mixed_labels, probabilities), np.mean(blended), rtol=1e-5)
 
 
 def test_augmentation_is_a_function_of_the_seed():

@@ -81,6 +81,16 @@ def test_adamw_takes_a_weight_decay():
     assert isinstance(built, keras.optimizers.AdamW) and built.weight_decay == pytest.approx(0.05)
 
 
+def test_lion_steps_by_the_sign_of_the_gradient_and_decays_the_weights():
+    params = project_params()
+    params["variants"]["deeper"] |= {"optimizer": "lion", "learning_rate": 0.01, "weight_decay": 0.1}
+    built = train.optimizer(variant_spec(params, "deeper"), steps_per_epoch=10)
+    weights = keras.Variable(np.ones(3, np.float32))
+    built.apply_gradients([(np.array([3.0, -0.5, 0.0], np.float32), weights)])
+    decayed = 1 - 0.01 * 0.1
+    np.testing.assert_allclose(weights.numpy(), [decayed - 0.01, decayed + 0.01, decayed], rtol=1e-6)
+
+
 def test_a_single_l2_factor_applies_to_every_transition_dense(tmp_path):
     params = project_params()
     params["variants"]["l2"]["l2"] = 0.01
@@ -113,8 +123,8 @@ BAD_VALUES = [
     ("train.max_epochs", 0, "train.max_epochs: expected a positive integer, got 0"),
     ("variants.tuned.max_epochs", 2, "variants.tuned.max_epochs: unknown key"),
     ("train.batch_size", -8, "train.batch_size: expected a positive integer, got -8"),
-    ("train.optimizer", "adagrad", "train.optimizer: expected one of adam, adamw, sgd"),
-    ("train.weight_decay", 0.05, "train.weight_decay: expected 0 with optimizer adam (weight decay is adamw's)"),
+    ("train.optimizer", "adagrad", "train.optimizer: expected one of adam, adamw, lion, sgd"),
+    ("train.weight_decay", 0.05, "train.weight_decay: expected 0 with optimizer adam (its weight decay is decoupled: adamw, lion, sgd, nesterov)"),
     ("train.weight_decay", -0.1, "train.weight_decay: expected a number in [0, inf)"),
     ("train.warmup_epochs", 100, "train.warmup_epochs: expected an integer in [0, epochs) = [0, 100)"),
     ("train.warmup_epochs", 1.5, "train.warmup_epochs: expected an integer in [0, epochs)"),

@@ -17,13 +17,11 @@ def flip(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     return mirror(images, tf.random.stateless_uniform([tf.shape(images)[0]], seed) < 0.5)
 
 
-def alternating_flip(images: tf.Tensor, indices: tf.Tensor, count: int, epoch: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+def alternating_flip(images: tf.Tensor, first_half: tf.Tensor, epoch: tf.Tensor) -> tf.Tensor:
     """Mirror a random half of the training images in even epochs and the other half in odd ones,
     so that every image is seen both ways in any two epochs in a row (airbench's alternating flip).
-    `indices` are the batch's positions in the training set of `count` images; the half is drawn
-    from `seed` once per image, whatever the batch."""
-    first_half = tf.random.stateless_uniform([count], seed) < 0.5
-    return mirror(images, tf.not_equal(tf.gather(first_half, indices), epoch % 2 == 1))
+    `first_half` says, for each image of the batch, whether it is in the half mirrored first."""
+    return mirror(images, tf.not_equal(first_half, epoch % 2 == 1))
 
 
 def translate(images: tf.Tensor, pixels: int, seed: tf.Tensor, fill: str = "CONSTANT") -> tf.Tensor:

@@ -126,7 +126,7 @@ def load_checkpoint(directory: Path, expected_fingerprint: dict) -> tuple[keras.
         return None
     try:
         state = TrainingState(**json.loads((directory / "state.json").read_text()))
-        changed = differences(state.fingerprint if isinstance(state.fingerprint, dict) else {}, expected_fingerprint)
+        changed = differences(state.fingerprint, expected_fingerprint)
         if changed:
             print(f"{directory}: made with a different {', '.join(changed)}; starting over")
             shutil.rmtree(directory)
@@ -134,7 +134,7 @@ def load_checkpoint(directory: Path, expected_fingerprint: dict) -> tuple[keras.
         model = keras.models.load_model(directory / "model.keras")
         for variable, value in zip(seed_states(model), np.load(directory / "seed_states.npy")):
             variable.assign(value)
-    except (OSError, ValueError, TypeError) as err:
+    except (OSError, ValueError, TypeError, AttributeError) as err:
         print(f"{directory}: unreadable checkpoint ({err}); starting over")
         shutil.rmtree(directory)
         return None

@@ -36,10 +36,11 @@ def normalization(kind: str, name: str, momentum: float = 0.99, scale: bool = Tr
     return layers.BatchNormalization(momentum=momentum, scale=scale, synchronized=True, name=name)
 
 
-def normalized(x, norm: str, activation: str | None, name: str):
-    """x -> norm -> activation, each only when asked for."""
+def normalized(x, norm: str, activation: str | None, name: str, momentum: float = 0.99, scale: bool = True):
+    """x -> norm -> activation, each only when asked for (batch norm's momentum and scale as in
+    `normalization`)."""
     if norm != "none":
-        x = normalization(norm, name=f"{name}_norm")(x)
+        x = normalization(norm, f"{name}_norm", momentum, scale)(x)
     return layers.Activation(activation, name=f"{name}_act")(x) if activation else x
 
 
@@ -109,10 +110,9 @@ class ConvStyle:
     init: str = "he"  # he | dirac: He-normal, or He-normal with the identity in the first filters
 
     def normalized(self, x, activate: bool, name: str):
-        """x -> norm -> activation (each only when asked for)."""
-        if self.norm != "none":
-            x = normalization(self.norm, f"{name}_norm", self.norm_momentum, self.norm_scale)(x)
-        return layers.Activation(self.activation, name=f"{name}_act")(x) if activate else x
+        """x -> norm -> activation (the activation only when asked for)."""
+        return normalized(x, self.norm, self.activation if activate else None, name, self.norm_momentum,
+                          self.norm_scale)
 
     def conv(self, x, filters: int, name: str, kernel_size: int = 3, strides: int = 1):
         """A bias-free convolution, "same" padded (a norm follows it, or its bias would be redundant)."""

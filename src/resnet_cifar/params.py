@@ -177,7 +177,7 @@ class VariantSpec:
     # the optimization
     epochs: int = key(positive_int, OPTIMIZATION)
     batch_size: int = key(positive_int, OPTIMIZATION)
-    optimizer: str = key(choice("adam", "adamw", "sgd", "nesterov"), OPTIMIZATION)
+    optimizer: str = key(choice("adam", "adamw", "lion", "sgd", "nesterov"), OPTIMIZATION)
     learning_rate: float = key(number(0.0, low_open=True), OPTIMIZATION)  # the peak, after warm-up
     norm_lr_factor: float = key(number(0.0, low_open=True), OPTIMIZATION)  # sgd: the norm layers' learning rate factor
     weight_decay: float = key(number(0.0), OPTIMIZATION)  # decoupled: w -= lr * weight_decay * w
@@ -200,7 +200,7 @@ VARIANT_KEYS = tuple(f.name for f in fields(VariantSpec) if f.metadata)
 # widths are each variant's own; max_epochs caps every variant's epochs (a short check, such as a
 # pull request's), so it is the shared section's alone.
 TRAIN_KEYS = tuple(name for name in VARIANT_KEYS if name != "widths") + ("max_epochs",)
-WEIGHT_DECAY_OPTIMIZERS = ("adamw", "sgd", "nesterov")
+WEIGHT_DECAY_OPTIMIZERS = ("adamw", "lion", "sgd", "nesterov")
 SGD_OPTIMIZERS = ("sgd", "nesterov")
 DENSE_ONLY = {"expansion": 1.0, "dropout": 0.0}  # and l2: each with its value that means "off"
 
@@ -277,7 +277,7 @@ def variant_spec(params: dict, name: str) -> VariantSpec:
         _fail(where["warmup_epochs"], f"an integer in [0, epochs) = [0, {values['epochs']})",
               values["warmup_epochs"])
     if values["weight_decay"] and values["optimizer"] not in WEIGHT_DECAY_OPTIMIZERS:
-        _fail(where["weight_decay"], f"0 with optimizer {values['optimizer']} (weight decay is adamw's)",
+        _fail(where["weight_decay"], f"0 with optimizer {values['optimizer']} (its weight decay is decoupled: adamw, lion, sgd, nesterov)",
               values["weight_decay"])
     if values["norm_lr_factor"] != 1 and values["optimizer"] not in SGD_OPTIMIZERS:
         _fail(where["norm_lr_factor"], f"1 with optimizer {values['optimizer']} (the factor is sgd's and nesterov's)",

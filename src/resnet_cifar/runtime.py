@@ -23,12 +23,16 @@ CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}  # float16: Keras adds loss scaling
 
 
-def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str] | None:
-    """The CPU's feature flags, or None where the system does not list them (not Linux)."""
+def read_cpuinfo(cpuinfo: Path = CPUINFO) -> str | None:
+    """The system's description of the CPU, or None where it has none (not Linux)."""
     try:
-        return set(cpuinfo.read_text().split())
+        return cpuinfo.read_text()
     except OSError:
         return None
+
+
+def has_native_bfloat16(description: str) -> bool:
+    return bool(set(description.split()).intersection(CPU_BF16_FLAGS))
 
 
 def resolve_precision(precision: str, cpuinfo: Path = CPUINFO,
@@ -41,8 +45,8 @@ def resolve_precision(precision: str, cpuinfo: Path = CPUINFO,
     if gpu_capabilities:
         oldest = min(gpu_capabilities)
         return "bfloat16" if oldest >= (8, 0) else "float16" if oldest >= (7, 0) else "float32"
-    flags = cpu_flags(cpuinfo)
-    return "bfloat16" if flags and flags.intersection(CPU_BF16_FLAGS) else "float32"  # unknown: the safe choice
+    description = read_cpuinfo(cpuinfo)
+    return "bfloat16" if description and has_native_bfloat16(description) else "float32"  # unknown: the safe choice
 
 
 def use_devices(devices: str | tuple[int, ...]) -> list[tuple[int, int]]:
@@ -86,12 +90,12 @@ def quiet_graph_optimizer() -> None:
 
 def cpu_name(cpuinfo: Path = CPUINFO) -> str:
     """The CPU's model, and whether it computes bfloat16 natively (where the system tells)."""
-    flags = cpu_flags(cpuinfo)
-    if flags is None:
+    description = read_cpuinfo(cpuinfo)
+    if description is None:
         return platform.processor() or platform.machine()
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in description.splitlines()
                   if line.startswith("model name")), platform.machine())
-    return f"{model} ({'AVX-512 BF16' if flags & set(CPU_BF16_FLAGS) else 'no AVX-512 BF16'})"
+    return f"{model} ({'AVX-512 BF16' if has_native_bfloat16(description) else 'no AVX-512 BF16'})"
 
 
 def device_name() -> str:

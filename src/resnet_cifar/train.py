@@ -54,12 +54,13 @@ def shuffled_batches(x: np.ndarray, y: np.ndarray, spec: VariantSpec, first_epoc
     the batches an uninterrupted one would."""
     images, labels = tf.constant(x), tf.constant(y)
     augmented = spec.flip or spec.translate or spec.crop or spec.mixup
-    halves_seed = tf.constant([spec.seed, -1], tf.int64)  # alternating flips: each image's first epoch
+    # alternating flips: the images mirrored in even epochs, drawn once for the run
+    first_half = tf.random.stateless_uniform([len(x)], tf.constant([spec.seed, -1], tf.int64)) < 0.5
 
     def batch_of(epoch, epoch_seed, step, batch):
         batch_images = tf.gather(images, batch)
         if spec.flip == "alternate":
-            batch_images = alternating_flip(batch_images, batch, len(x), epoch, halves_seed)
+            batch_images = alternating_flip(batch_images, tf.gather(first_half, batch), epoch)
         return augment(batch_images, tf.gather(labels, batch), spec.flip is True, spec.translate, spec.crop,
                        spec.mixup, tf.random.experimental.stateless_fold_in(epoch_seed, step))
 
@@ -175,6 +176,8 @@ def optimizer(spec: VariantSpec, steps_per_epoch: int, norm_paths: tuple[str, ..
         return keras.optimizers.AdamW(**common)
     if spec.optimizer == "adam":
         return keras.optimizers.Adam(**common)
+    if spec.optimizer == "lion":  # Chen et al. 2023: the sign of a momentum; Bachmann et al.'s MLPs train with it
+        return keras.optimizers.Lion(**common)
     if spec.optimizer == "nesterov":
         return SGD(spec.norm_lr_factor, norm_paths, momentum=NESTEROV_MOMENTUM, nesterov=True, **common)
     return SGD(spec.norm_lr_factor, norm_paths, **common)
