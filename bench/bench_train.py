@@ -3,9 +3,10 @@
     python bench/bench_train.py [--epochs 5] [--levers]
     python bench/bench_train.py --variant conv [--epochs 3] [--images 10000]
     python bench/bench_train.py --variant tuned --input [--epochs 3] [--images 10000]
+    python bench/bench_train.py --backends [baseline conv] [--epochs 3] [--images 10000]
 
 (a) the assignment's own path: the functional model fed float32 numpy arrays, `model.fit` defaults;
-(b) the `train` stage's path: `train.compiled_model` fed by `train.shuffled_batches`, at the
+(b) the `train` stage's path: `train.compiled_model` fed by `batches.TrainingBatches`, at the
     precision params.yaml's `auto` resolves to here.
 With --levers, (b) again with one lever at a time taken back or added: float32 instead of
 bfloat16, one step per call instead of one epoch per call, XLA compilation, grappler's remapper
@@ -25,21 +26,30 @@ With --input, measures the input pipeline's share of that variant's epoch (at th
 resolves to): the seconds of the pipeline alone, of training fed by it, and of training on the
 same batches replayed from memory; the share is the time training would save if its input were
 free.
+
+With --backends, times the train stage's path of each named variant on every installed Keras
+backend, side by side (each backend in a process of its own: Keras picks it once, when imported),
+at the precision `auto` resolves to.
 """
 
 import argparse
 import dataclasses
+import importlib.util
 import math
+import os
+import subprocess
+import sys
 import time
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from resnet_cifar import runtime, train
+from resnet_cifar.batches import TrainingBatches
+from resnet_cifar.datasets import load_prepared
 from resnet_cifar.models import build_model
-from resnet_cifar.params import VariantSpec, load_params, variant_spec
-from resnet_cifar.prepare import PREPARED_DIR, load_prepared
+from resnet_cifar.params import BACKENDS, VariantSpec, load_params, variant_spec
+from resnet_cifar.paths import PREPARED_DIR
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -77,7 +87,7 @@ def assignment_path(x: np.ndarray, y: np.ndarray, spec: VariantSpec) -> list[flo
 
 
 def train_stage_path(x: np.ndarray, y: np.ndarray, spec: VariantSpec, steps_per_call: int | None = None,
-                     xla: bool = False, batches: tf.data.Dataset | None = None) -> list[float]:
+                     xla: bool = False, batches: keras.utils.PyDataset | None = None) -> list[float]:
     """Epoch times of the train stage's model and input pipeline; steps_per_call and xla recompile
     it to measure those levers; `batches` replaces the input pipeline."""
     steps_per_epoch = math.ceil(len(x) / spec.batch_size)
@@ -86,7 +96,7 @@ def train_stage_path(x: np.ndarray, y: np.ndarray, spec: VariantSpec, steps_per_
         model.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"], jit_compile=xla,
                       steps_per_execution=steps_per_call or steps_per_epoch)
     timer = EpochTimer()
-    batches = train.shuffled_batches(x, y, spec, first_epoch=0) if batches is None else batches
+    batches = TrainingBatches(x, y, spec, first_epoch=0) if batches is None else batches
     model.fit(batches, steps_per_epoch=steps_per_epoch,
               epochs=spec.epochs, shuffle=False, verbose=0, callbacks=[timer])
     return timer.seconds
@@ -94,6 +104,7 @@ def train_stage_path(x: np.ndarray, y: np.ndarray, spec: VariantSpec, steps_per_
 
 def with_remapper(path) -> list[float]:
     """Epoch times of `path` with grappler's remapper on, as TensorFlow has it by default."""
+    import tensorflow as tf  # a lever of TensorFlow's alone
     tf.config.optimizer.set_experimental_options({"remapping": True})
     try:
         return path()
@@ -101,14 +112,13 @@ def with_remapper(path) -> list[float]:
         runtime.quiet_graph_optimizer()
 
 
-def matmul_gflops(dtype: tf.DType, n: int = 4096, repeats: int = 10) -> float:
-    a = tf.random.normal((n, n), dtype=tf.float32)
-    a = tf.cast(a, dtype)
-    tf.matmul(a, a).numpy()  # warm-up
+def matmul_gflops(dtype: str, n: int = 4096, repeats: int = 10) -> float:
+    a = keras.ops.cast(keras.random.normal((n, n)), dtype)
+    keras.ops.convert_to_numpy(keras.ops.matmul(a, a))  # warm-up
     started = time.perf_counter()
     for _ in range(repeats):
-        product = tf.matmul(a, a)
-    product.numpy()
+        product = keras.ops.matmul(a, a)
+    keras.ops.convert_to_numpy(product)
     return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
@@ -131,6 +141,21 @@ def compare_precisions(variant: str, epochs: int, images: int) -> None:
                   f"baseline's bfloat16 epoch", flush=True)
 
 
+class Replay(keras.utils.PyDataset):
+    """One epoch's batches, computed before, served again for `epochs` epochs."""
+
+    def __init__(self, batches: list, epochs: int):
+        super().__init__()
+        self.batches, self.epochs = batches, epochs
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.batches) * self.epochs
+
+    def __getitem__(self, index: int):
+        return self.batches[index % len(self.batches)]
+
+
 def input_share(variant: str, epochs: int, images: int) -> None:
     """The input pipeline's share of the variant's training epoch, measured on `images` images."""
     x, y, source = training_data()
@@ -141,19 +166,40 @@ def input_share(variant: str, epochs: int, images: int) -> None:
     steps_per_epoch = math.ceil(len(x) / spec.batch_size)
     print(f"{variant}'s input pipeline, {len(x):,} images from {source}, {spec.precision}, {epochs} epochs "
           "each (the first is not counted), seconds scaled to 50,000 images")
-    pipeline = iter(train.shuffled_batches(x, y, spec, first_epoch=0))
-    for _ in range(steps_per_epoch):  # the first epoch: tracing
-        next(pipeline)
+    pipeline = TrainingBatches(x, y, spec, first_epoch=0)
     started = time.perf_counter()
-    for _ in range(steps_per_epoch):
-        next(pipeline)
+    first_epoch = [pipeline[step] for step in range(steps_per_epoch)]
     alone = (time.perf_counter() - started) * scale
     fed = float(np.median(train_stage_path(x, y, spec)[1:])) * scale
-    # The first epoch fills the cache; the later ones replay its batches from memory.
-    cached = train.shuffled_batches(x, y, spec, first_epoch=0).take(steps_per_epoch).cache().repeat()
-    replayed = float(np.median(train_stage_path(x, y, spec, batches=cached)[1:])) * scale
+    replayed = float(np.median(train_stage_path(x, y, spec, batches=Replay(first_epoch, epochs))[1:])) * scale
     print(f"the pipeline alone: {alone:.1f} s/epoch; training fed by it: {fed:.1f} s/epoch; training on "
           f"batches replayed from memory: {replayed:.1f} s/epoch; the pipeline's share: {1 - replayed / fed:.0%}")
+
+
+def epoch_seconds(variant: str, epochs: int, images: int) -> float:
+    """The median seconds of the variant's epochs after the first on this process's backend, at
+    the precision `auto` resolves to, measured on `images` images and scaled to 50,000."""
+    x, y, _ = training_data()
+    x, y = x[:images], y[:images]
+    spec = variant_spec(load_params(), variant)
+    spec = dataclasses.replace(spec, epochs=epochs, precision=runtime.resolve_precision(spec.precision))
+    return float(np.median(train_stage_path(x, y, spec)[1:])) * 50_000 / len(x)
+
+
+def compare_backends(variants: list[str], epochs: int, images: int) -> None:
+    installed = [name for name in BACKENDS if importlib.util.find_spec(name) is not None]
+    print(f"the train stage's path on {', '.join(installed)}: {images:,} images, {epochs} epochs each (the first "
+          "is not counted), seconds scaled to 50,000 images")
+    for variant in variants:
+        seconds = {}
+        for backend in installed:
+            timed = subprocess.run([sys.executable, __file__, "--epoch-seconds", variant, "--epochs", str(epochs),
+                                    "--images", str(images)], env=os.environ | {"KERAS_BACKEND": backend},
+                                   capture_output=True, text=True, check=True)
+            seconds[backend] = float(timed.stdout.split()[-1])
+        first = installed[0]
+        print(f"{variant}: " + "; ".join(f"{backend} {s:.1f} s/epoch ({s / seconds[first]:.2f}x {first})"
+                                         for backend, s in seconds.items()), flush=True)
 
 
 def main() -> None:
@@ -163,8 +209,17 @@ def main() -> None:
     parser.add_argument("--variant", help="time this variant in bfloat16 and float32 instead")
     parser.add_argument("--images", type=int, default=10_000, help="with --variant: training images used")
     parser.add_argument("--input", action="store_true", help="with --variant: the input pipeline's share of an epoch")
+    parser.add_argument("--backends", nargs="*", metavar="VARIANT",
+                        help="time these variants (default: baseline conv) on every installed backend")
+    parser.add_argument("--epoch-seconds", metavar="VARIANT", help=argparse.SUPPRESS)  # --backends' worker
     args = parser.parse_args()
     runtime.quiet_graph_optimizer()  # as the train stage
+    if args.epoch_seconds:
+        print(epoch_seconds(args.epoch_seconds, args.epochs, args.images))
+        return
+    if args.backends is not None:
+        compare_backends(args.backends or ["baseline", "conv"], args.epochs, args.images)
+        return
     if args.input:
         input_share(args.variant or "tuned", args.epochs, args.images)
         return
@@ -194,9 +249,9 @@ def main() -> None:
         print(f"{label}: {medians[label]:.2f} s/epoch, {flops_per_epoch / medians[label] / 1e9:.0f} GFLOP/s, "
               f"{next(iter(medians.values())) / medians[label]:.2f}x (a) "
               f"(epochs: {', '.join(f'{s:.2f}' for s in seconds)})")
-    for dtype in (tf.float32, tf.bfloat16):
+    for dtype in ("float32", "bfloat16"):
         peak = matmul_gflops(dtype)
-        print(f"peak matmul 4096x4096 {dtype.name}: {peak:.0f} GFLOP/s, "
+        print(f"peak matmul 4096x4096 {dtype}: {peak:.0f} GFLOP/s, "
               f"{flops_per_epoch / peak / 1e9:.2f} s/epoch at that rate")
 
 

@@ -19,7 +19,7 @@ import yaml
 
 from cifar_archives import FORMATS, Archive, make_archive
 from conftest import tiny_params
-from resnet_cifar import data, paths, prepare
+from resnet_cifar import data, datasets, paths, prepare
 from resnet_cifar.params import ParamsError
 from resnet_cifar.stage import StageError
 
@@ -98,7 +98,7 @@ def test_writes_arrays_labels_and_classes_in_official_order(fmt: str, tmp_path: 
     use(archive, monkeypatch)
     data.main([])
 
-    raw = data.load_raw(paths.raw_path(dataset_of(fmt)))
+    raw = datasets.load_raw(paths.raw_path(dataset_of(fmt)))
     for key in ("x_train", "y_train", "x_test", "y_test"):
         assert raw[key].dtype == np.uint8
         np.testing.assert_array_equal(raw[key], getattr(archive, key), err_msg=key)
@@ -128,8 +128,8 @@ def test_pixels_are_hwc_of_the_official_chw_planes(fmt: str, tmp_path: Path, mon
     else:  # 1 (CIFAR-10) or 2 (CIFAR-100: coarse, fine) label bytes before the pixels
         label_bytes = 2 if fmt.startswith("cifar-100") else 1
         record = np.frombuffer(member[label_bytes:label_bytes + 3072], dtype=np.uint8)
-        assert data.load_raw(paths.raw_path(dataset_of(fmt)))["y_train"][0] == member[label_bytes - 1]
-    x = data.load_raw(paths.raw_path(dataset_of(fmt)))["x_train"]
+        assert datasets.load_raw(paths.raw_path(dataset_of(fmt)))["y_train"][0] == member[label_bytes - 1]
+    x = datasets.load_raw(paths.raw_path(dataset_of(fmt)))["x_train"]
     for channel, row, col in [(0, 0, 1), (1, 31, 0), (2, 5, 7), (2, 31, 31)]:
         assert x[0, row, col, channel] == record[channel * 1024 + row * 32 + col]
 
@@ -329,15 +329,15 @@ def test_load_raw_says_to_rerun_the_stage(content: bytes | None, tmp_path: Path)
     path = tmp_path / "cifar10.npz"
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(data.DataError, match="run `dvc repro -f download`") as err:
-        data.load_raw(path)
+    with pytest.raises(datasets.DataError, match="run `dvc repro -f download`") as err:
+        datasets.load_raw(path)
     assert str(path) in str(err.value)
 
 
 def test_load_raw_rejects_an_npz_without_the_arrays(tmp_path: Path) -> None:
     np.savez(tmp_path / "other.npz", x_train=np.zeros(1))
-    with pytest.raises(data.DataError, match="lacks arrays y_train, x_test, y_test, classes"):
-        data.load_raw(tmp_path / "other.npz")
+    with pytest.raises(datasets.DataError, match="lacks arrays y_train, x_test, y_test, classes"):
+        datasets.load_raw(tmp_path / "other.npz")
 
 
 # --- the real CIFAR-10 --------------------------------------------------------------------------
@@ -352,7 +352,7 @@ def test_real_cifar10_download_and_prepare(monkeypatch, capsys) -> None:
         if member.startswith("cifar-10-batches-bin/"):
             assert f"{member}: md5 {md5} ok (official)" in out
 
-    raw = data.load_raw(Path("data/raw/cifar10.npz"))
+    raw = datasets.load_raw(Path("data/raw/cifar10.npz"))
     assert raw["x_train"].shape == (50_000, 32, 32, 3) and raw["x_train"].dtype == np.uint8
     assert raw["x_test"].shape == (10_000, 32, 32, 3) and raw["x_test"].dtype == np.uint8
     assert np.bincount(raw["y_train"]).tolist() == [5_000] * 10
@@ -360,7 +360,7 @@ def test_real_cifar10_download_and_prepare(monkeypatch, capsys) -> None:
     assert raw["classes"][0] == "airplane" and len(raw["classes"]) == 10
 
     prepare.main([])
-    prepared = prepare.load_prepared()
+    prepared = datasets.load_prepared()
     assert prepared["x_train"].shape == (50_000, 32, 32, 3) and prepared["x_train"].dtype == np.float32
     assert prepared["x_train"].min() == 0.0 and prepared["x_train"].max() == 1.0
     assert prepared["x_test"][0, 0, 0, 0] == raw["x_test"][0, 0, 0, 0] / np.float32(255)

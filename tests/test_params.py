@@ -8,9 +8,9 @@ import yaml
 
 from conftest import TINY_CONV
 
-from resnet_cifar import train
+from resnet_cifar import optimizers
 from resnet_cifar.models import build_model
-from resnet_cifar.params import NETWORK, ParamsError, data_params, load_params, variant_names, variant_spec
+from resnet_cifar.params import NETWORK, ParamsError, backend, data_params, load_params, variant_names, variant_spec
 
 PROJECT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -77,14 +77,14 @@ def test_the_conv_variant_is_airbench_shaped_with_residual_blocks():
 def test_adamw_takes_a_weight_decay():
     params = project_params()
     params["variants"]["deeper"] |= {"optimizer": "adamw", "weight_decay": 0.05}
-    built = train.optimizer(variant_spec(params, "deeper"), steps_per_epoch=10)
+    built = optimizers.optimizer(variant_spec(params, "deeper"), steps_per_epoch=10)
     assert isinstance(built, keras.optimizers.AdamW) and built.weight_decay == pytest.approx(0.05)
 
 
 def test_lion_steps_by_the_sign_of_the_gradient_and_decays_the_weights():
     params = project_params()
     params["variants"]["deeper"] |= {"optimizer": "lion", "learning_rate": 0.01, "weight_decay": 0.1}
-    built = train.optimizer(variant_spec(params, "deeper"), steps_per_epoch=10)
+    built = optimizers.optimizer(variant_spec(params, "deeper"), steps_per_epoch=10)
     weights = keras.Variable(np.ones(3, np.float32))
     built.apply_gradients([(np.array([3.0, -0.5, 0.0], np.float32), weights)])
     decayed = 1 - 0.01 * 0.1
@@ -205,6 +205,19 @@ def test_missing_keys_are_named(tmp_path, key):
         checked = load_params(path)
         data_params(checked)
         variant_spec(checked, "baseline")
+
+
+def test_the_backend_is_one_for_every_variant():
+    params = project_params()
+    assert backend(params) == "tensorflow"
+    params["train"]["backend"] = "mxnet"
+    with pytest.raises(ParamsError, match=re.escape("params.yaml: train.backend: expected one of tensorflow, jax, "
+                                                    "torch, got 'mxnet'")):
+        backend(params)
+    params["train"]["backend"] = "jax"
+    params["variants"]["baseline"]["backend"] = "torch"
+    with pytest.raises(ParamsError, match="params.yaml: variants.baseline.backend: unknown key"):
+        variant_spec(params, "baseline")
 
 
 def test_max_epochs_caps_every_variant_and_shortens_its_warmup_and_decay():

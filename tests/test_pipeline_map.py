@@ -16,7 +16,7 @@ PACKAGE = PROJECT / "src" / "resnet_cifar"
 
 def imported_modules(module: str) -> set[str]:
     """The package's modules that `module` imports, directly or through another of them."""
-    seen, todo = set(), [module]
+    seen, todo = set(), [module, "__init__"]  # the package runs first: it picks the Keras backend
     while todo:
         name = todo.pop()
         if name in seen:
@@ -30,7 +30,7 @@ def imported_modules(module: str) -> set[str]:
                 todo.append(node.module.split(".")[1])
             elif isinstance(node, ast.Import):
                 todo += [a.name.split(".")[1] for a in node.names if a.name.startswith("resnet_cifar.")]
-    return seen | {"__init__"}
+    return seen
 
 
 def stages() -> dict[str, dict]:

@@ -36,16 +36,18 @@ def weights(project: Path, variant: str) -> list[np.ndarray]:
     return keras.models.load_model(project / paths.model_path(variant)).get_weights()
 
 
-def test_killed_training_resumes_and_ends_as_an_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_killed_training_resumes_and_ends_as_an_uninterrupted_run(tmp_path, monkeypatch, backend):
     """The dense variant with every ingredient on (dropout, mixup, augmentation, schedule, weight
-    averaging), so that their random and running states survive the restart. (The conv variant's
-    batch norm is resumed through `dvc repro` in test_pipeline.py, on two replicas in test_distribute.py.)"""
+    averaging), so that their random and running states survive the restart, on each backend the
+    tests install. (The conv variant's batch norm is resumed through `dvc repro` in
+    test_pipeline.py, on two replicas in test_distribute.py.)"""
     variant = "deep"
     runs = {}
     for name in ("uninterrupted", "killed"):
         project = tmp_path / name
         project.mkdir()
-        setup_project(project, monkeypatch, "cifar-10-binary", n_train=1500, epochs=EPOCHS)
+        setup_project(project, monkeypatch, "cifar-10-binary", n_train=1500, epochs=EPOCHS, backend=backend)
         prepare.main([])
         runs[name] = project
         params = yaml.safe_load(Path("params.yaml").read_text())

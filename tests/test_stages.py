@@ -17,7 +17,7 @@ import yaml
 
 from cifar_archives import FORMATS
 from conftest import EVERY_INGREDIENT, TINY_CONV, interrupt_at, setup_project, tiny_params
-from resnet_cifar import checkpoint, evaluate, explore, paths, prepare, runtime, train
+from resnet_cifar import batches, checkpoint, datasets, evaluate, explore, optimizers, paths, prepare, runtime, train
 from resnet_cifar.params import load_params, variant_spec
 from resnet_cifar.stage import StageError, all_or_nothing, atomic_path
 
@@ -26,7 +26,7 @@ from resnet_cifar.stage import StageError, all_or_nothing, atomic_path
 def test_prepare_scales_pixels_and_one_hot_encodes(tmp_path, monkeypatch, capsys, fmt, label_mode):
     archive = setup_project(tmp_path, monkeypatch, fmt, label_mode)
     prepare.main([])
-    prepared = prepare.load_prepared()
+    prepared = datasets.load_prepared()
     coarse = label_mode == "coarse"
     for split in ("train", "test"):
         x, y = prepared[f"x_{split}"], prepared[f"y_{split}"]
@@ -63,10 +63,10 @@ def test_explore_writes_figures_and_numbers(tmp_path, monkeypatch, fmt):
 def test_validation_fraction_holds_out_part_of_train():
     x = np.arange(100)[:, None]
     prepared = {"x_train": x, "y_train": x, "x_test": x[:5], "y_test": x[:5]}
-    (x_fit, _), (x_val, _) = train.split_validation(prepared, 0.2, seed=0)
+    (x_fit, _), (x_val, _) = batches.split_validation(prepared, 0.2, seed=0)
     assert len(x_fit) == 80 and len(x_val) == 20
     assert sorted(np.concatenate([x_fit, x_val]).ravel().tolist()) == list(range(100))
-    (_, _), (x_val_test, _) = train.split_validation(prepared, "test", seed=0)
+    (_, _), (x_val_test, _) = batches.split_validation(prepared, "test", seed=0)
     assert len(x_val_test) == 5
 
 
@@ -102,7 +102,7 @@ def test_every_ingredient_trains_saves_and_evaluates(tmp_path, monkeypatch):
     model = keras.models.load_model(paths.model_path("deep"))  # with its optimizer
     assert isinstance(model.optimizer, keras.optimizers.AdamW)
     assert {"stage2_block2_norm", "final_norm"} <= {layer.name for layer in model.layers}
-    data = prepare.load_prepared()
+    data = datasets.load_prepared()
     probabilities = evaluate.predict(model, data["x_test"], tta=True)  # the image's and its mirror's, averaged
     # The reported loss is plain cross-entropy plus the L2 penalty, not the label-smoothed loss trained on.
     penalty = sum(float(loss) for loss in model.losses)
@@ -114,9 +114,9 @@ def test_every_ingredient_trains_saves_and_evaluates(tmp_path, monkeypatch):
 
 
 def sgd_steps(model: keras.Model, factor: float, gradient: float, **sgd_kwargs) -> dict[str, np.ndarray]:
-    """Each weight's change in one step of train.SGD (the weights are put back after it)."""
+    """Each weight's change in one step of optimizers.SGD (the weights are put back after it)."""
     start = [w.numpy() for w in model.trainable_weights]
-    optimizer = train.SGD(factor, train.norm_weight_paths(model), learning_rate=0.1, **sgd_kwargs)
+    optimizer = optimizers.SGD(factor, optimizers.norm_weight_paths(model), learning_rate=0.1, **sgd_kwargs)
     optimizer.apply_gradients((np.full(w.shape, gradient, np.float32), w) for w in model.trainable_weights)
     steps = {w.path: w.numpy() - before for w, before in zip(model.trainable_weights, start)}
     for w, before in zip(model.trainable_weights, start):
@@ -128,7 +128,7 @@ def test_norm_lr_factor_scales_the_steps_of_the_norm_weights_alone():
     from resnet_cifar.models import build_model
     model = build_model([4], 3, input_shape=(4, 4, 3), arch="conv", blocks=1, stem=4, downsample="pool",
                         norm="batch")
-    norm_paths = train.norm_weight_paths(model)
+    norm_paths = optimizers.norm_weight_paths(model)
     assert set(norm_paths) == {w.path for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
                                for w in layer.trainable_weights} and len(norm_paths) == 8
     plain = sgd_steps(model, 1.0, 0.5, momentum=0.9, nesterov=True)
@@ -145,15 +145,15 @@ def test_norm_lr_factor_scales_the_steps_of_the_norm_weights_alone():
 def test_learning_rate_warms_up_then_decays():
     spec = variant_spec({**tiny_params(), "variants": {"v": {"widths": [4], "epochs": 10, "learning_rate": 0.01,
                                                              "warmup_epochs": 2, "schedule": "cosine"}}}, "v")
-    schedule = train.learning_rate(spec, steps_per_epoch=5)
+    schedule = optimizers.learning_rate(spec, steps_per_epoch=5)
     rates = [float(schedule(step)) for step in range(0, 51)]
     assert rates[0] == 0 and rates[5] == pytest.approx(0.005) and rates[10] == pytest.approx(0.01)
     assert rates[30] == pytest.approx(0.005, rel=1e-3)  # half-way through the cosine
     assert rates[50] == pytest.approx(0, abs=1e-9) and all(a >= b for a, b in zip(rates[10:], rates[11:]))
-    constant = train.learning_rate(dataclasses.replace(spec, schedule="constant"), steps_per_epoch=5)
+    constant = optimizers.learning_rate(dataclasses.replace(spec, schedule="constant"), steps_per_epoch=5)
     assert float(constant(5)) == pytest.approx(0.005) and float(constant(50)) == pytest.approx(0.01)
-    assert train.learning_rate(dataclasses.replace(spec, schedule="constant", warmup_epochs=0), 5) == 0.01
-    linear = train.learning_rate(dataclasses.replace(spec, schedule="linear"), steps_per_epoch=5)
+    assert optimizers.learning_rate(dataclasses.replace(spec, schedule="constant", warmup_epochs=0), 5) == 0.01
+    linear = optimizers.learning_rate(dataclasses.replace(spec, schedule="linear"), steps_per_epoch=5)
     assert float(linear(5)) == pytest.approx(0.005) and float(linear(20)) == pytest.approx(0.0075)
     assert float(schedule(20)) == pytest.approx(0.01 * (1 + math.cos(math.pi / 4)) / 2)  # cosine, a quarter in
     assert float(linear(50)) == pytest.approx(0, abs=1e-9)

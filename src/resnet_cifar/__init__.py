@@ -1,6 +1,7 @@
 """Residual networks on CIFAR-10/100, as a reproducible DVC pipeline."""
 
 import atexit
+import importlib.util
 import os
 import re
 import sys
@@ -43,5 +44,19 @@ def _filter_stderr(noise: re.Pattern) -> None:
     atexit.register(drain)
 
 
+def _use_configured_backend() -> None:
+    """Keras reads KERAS_BACKEND once, when first imported: set it to params.yaml's train.backend
+    before a stage imports Keras, where that backend is installed (where it is not, or params.yaml
+    is wrong, the stage stops and says so: runtime.check_backend, params)."""
+    from resnet_cifar.params import ParamsError, backend, load_params
+    try:
+        name = backend(load_params())
+    except ParamsError:
+        return
+    if importlib.util.find_spec(name) is not None:
+        os.environ["KERAS_BACKEND"] = name
+
+
 if sys.argv[:1] == ["-m"]:
     _filter_stderr(TENSORFLOW_NOISE)
+    _use_configured_backend()

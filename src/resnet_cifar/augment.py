@@ -1,64 +1,67 @@
-"""Random changes to training batches: flips (random or alternating), translations, crops and mixup.
+"""Random changes to training batches: flips (random or alternating), translations, crops and
+mixup, in NumPy, so that every Keras backend trains on the same batches.
 
-Every random draw is stateless, from a seed that `train` derives from (params seed, epoch,
-batch), so a resumed run augments exactly as an uninterrupted one would.
+Flips, translations and crops only move pixels. Each is recorded in a `Views` of the batch (for
+every output row and column, the source row and column it shows), so that the batch is gathered
+from the training images in one pass whatever augmentations are on, and equals, exactly, the
+images moved one augmentation after the other. Every random draw comes from a generator that
+`batches` seeds with (params seed, epoch, step), so a resumed run augments exactly as an
+uninterrupted one would.
 """
 
-import tensorflow as tf
+import numpy as np
 
 
-def mirror(images: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
-    """The images with those where `mask` (one bool per image) is true mirrored left-right."""
-    return tf.where(mask[:, None, None, None], tf.reverse(images, axis=[2]), images)
+class Views:
+    """Where each pixel of each image of a batch comes from: `rows[i, r]` and `columns[i, c]` are
+    the source row and column of output pixel (r, c) of image i; outside the source (a zero-filled
+    translation) the output is zero."""
+
+    def __init__(self, count: int, height: int, width: int):
+        self.rows = np.tile(np.arange(height), (count, 1))
+        self.columns = np.tile(np.arange(width), (count, 1))
+        self.rows_inside = np.ones((count, height), bool)
+        self.columns_inside = np.ones((count, width), bool)
+
+    def mirror(self, mask: np.ndarray) -> None:
+        """Mirror left-right the images where `mask` (one bool per image) is true."""
+        self.columns = np.where(mask[:, None], self.columns[:, ::-1], self.columns)
+        self.columns_inside = np.where(mask[:, None], self.columns_inside[:, ::-1], self.columns_inside)
+
+    def shift(self, pixels: int, rng: np.random.Generator, reflect: bool) -> None:
+        """Move each image by up to `pixels` rows and columns either way: a random window of the
+        image padded by `pixels`, with zeros, or with its own mirror image (`reflect`, edge pixels
+        not repeated)."""
+        shifts = rng.integers(-pixels, pixels + 1, size=(2, len(self.rows)))
+        self.rows, self.rows_inside = shifted(self.rows, self.rows_inside, shifts[0], reflect)
+        self.columns, self.columns_inside = shifted(self.columns, self.columns_inside, shifts[1], reflect)
+
+    def gather(self, images: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """The views of images[indices] (a pixel at a time: ask only when some pixel moved)."""
+        views = images[indices[:, None, None], self.rows[:, :, None], self.columns[:, None, :]]
+        inside = self.rows_inside[:, :, None] & self.columns_inside[:, None, :]
+        return views if inside.all() else views * inside[..., None].astype(views.dtype)
 
 
-def flip(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """Mirror each image left-right with probability 1/2."""
-    return mirror(images, tf.random.stateless_uniform([tf.shape(images)[0]], seed) < 0.5)
+def shifted(sources: np.ndarray, inside: np.ndarray, shifts: np.ndarray, reflect: bool):
+    """The sources and insideness of each line of pixels moved by `shifts` (one per image):
+    output position p shows input position p + shift, mirrored back in at the edges with `reflect`,
+    else outside (zero) beyond them."""
+    size = sources.shape[1]
+    positions = shifts[:, None] + np.arange(size)
+    if reflect:
+        positions = np.abs(positions)
+        positions = np.where(positions > size - 1, 2 * (size - 1) - positions, positions)
+        return np.take_along_axis(sources, positions, 1), np.take_along_axis(inside, positions, 1)
+    within = (positions >= 0) & (positions < size)
+    positions = np.clip(positions, 0, size - 1)
+    return np.take_along_axis(sources, positions, 1), np.take_along_axis(inside, positions, 1) & within
 
 
-def alternating_flip(images: tf.Tensor, first_half: tf.Tensor, epoch: tf.Tensor) -> tf.Tensor:
-    """Mirror a random half of the training images in even epochs and the other half in odd ones,
-    so that every image is seen both ways in any two epochs in a row (airbench's alternating flip).
-    `first_half` says, for each image of the batch, whether it is in the half mirrored first."""
-    return mirror(images, tf.not_equal(first_half, epoch % 2 == 1))
-
-
-def translate(images: tf.Tensor, pixels: int, seed: tf.Tensor, fill: str = "CONSTANT") -> tf.Tensor:
-    """Shift each image by up to `pixels` rows and columns either way: a random crop of the
-    image padded by `pixels`, with zeros ("CONSTANT") or its own mirror image ("REFLECT")."""
-    count, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
-    padded = tf.pad(images, [[0, 0], [pixels, pixels], [pixels, pixels], [0, 0]], mode=fill)
-    offsets = tf.random.stateless_uniform([2, count], seed, 0, 2 * pixels + 1, dtype=tf.int32)
-    rows = offsets[0][:, None] + tf.range(height)[None, :]
-    columns = offsets[1][:, None] + tf.range(width)[None, :]
-    images = tf.gather(padded, rows, axis=1, batch_dims=1)
-    return tf.gather(images, columns, axis=2, batch_dims=1)
-
-
-def mixup(images: tf.Tensor, labels: tf.Tensor, alpha: float, seed: tf.Tensor):
-    """Blend the batch with a shuffled copy of itself, images and labels alike, by a weight
-    drawn from Beta(alpha, alpha) (as the ratio of two Gamma(alpha) draws)."""
-    seeds = tf.random.experimental.stateless_split(seed, 2)
-    gammas = tf.random.stateless_gamma([2], seeds[0], alpha=alpha)
-    weight = gammas[0] / (gammas[0] + gammas[1])
-    partners = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(images)[0]), seeds[1])
-    return (weight * images + (1 - weight) * tf.gather(images, partners),
-            weight * labels + (1 - weight) * tf.gather(labels, partners))
-
-
-def augment(images: tf.Tensor, labels: tf.Tensor, flips: bool, pixels: int, crop_pixels: int,
-            alpha: float, seed: tf.Tensor):
-    """The batch with the augmentations that are on (flips, translations, reflect-padded crops,
-    mixup) applied."""
-    flip_seed, translate_seed, mixup_seed, crop_seed = tf.unstack(
-        tf.random.experimental.stateless_split(seed, 4))
-    if flips:
-        images = flip(images, flip_seed)
-    if pixels:
-        images = translate(images, pixels, translate_seed)
-    if crop_pixels:
-        images = translate(images, crop_pixels, crop_seed, fill="REFLECT")
-    if alpha:
-        images, labels = mixup(images, labels, alpha, mixup_seed)
-    return images, labels
+def mixup(images: np.ndarray, labels: np.ndarray, alpha: float, rng: np.random.Generator):
+    """Blend the batch with a shuffled copy of itself, images and labels alike, by one weight
+    drawn from Beta(alpha, alpha)."""
+    weight = np.float32(rng.beta(alpha, alpha))
+    partners = rng.permutation(len(images))
+    return (weight * images + (1 - weight) * images[partners],
+            weight * labels + (1 - weight) * labels[partners])

@@ -24,25 +24,31 @@ from resnet_cifar.stage import atomic_path
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest a zip file can hold
 
 
-def numbered_shared_objects(config):
+def portable_config(config):
     """The model's config with each `shared_object_id` (a Python object id, new in every process)
-    replaced by the order in which it first appears; objects that were shared stay shared."""
+    replaced by the order in which it first appears (objects that were shared stay shared), and
+    batch norm's `synchronized` off: a switch of training under TensorFlow's MirroredStrategy that
+    the other backends refuse to load."""
     numbers: dict[int, int] = {}
 
-    def renumber(node):
+    def rewrite(key, value):
+        if key == "shared_object_id":
+            return numbers.setdefault(value, len(numbers) + 1)
+        return False if key == "synchronized" else walk(value)
+
+    def walk(node):
         if isinstance(node, dict):
-            return {key: numbers.setdefault(value, len(numbers) + 1) if key == "shared_object_id" else renumber(value)
-                    for key, value in node.items()}
+            return {key: rewrite(key, value) for key, value in node.items()}
         if isinstance(node, list):
-            return [renumber(item) for item in node]
+            return [walk(item) for item in node]
         return node
-    return renumber(config)
+    return walk(config)
 
 
 def save_model(model: keras.Model, path: Path) -> None:
-    """Save a .keras file whose bytes depend on the model alone: Keras writes the save date into
-    metadata.json, Python object ids into config.json and the current time into each zip member's
-    header, which are fixed here."""
+    """Save a .keras file that loads on every backend and whose bytes depend on the model alone:
+    Keras writes the save date into metadata.json, Python object ids into config.json and the
+    current time into each zip member's header, which are fixed here (portable_config)."""
     with tempfile.TemporaryDirectory() as scratch:
         saved_path = Path(scratch) / path.name
         model.save(saved_path)
@@ -52,7 +58,7 @@ def save_model(model: keras.Model, path: Path) -> None:
                 if name == "metadata.json":
                     content = json.dumps(json.loads(content) | {"date_saved": None}).encode()
                 elif name == "config.json":
-                    content = json.dumps(numbered_shared_objects(json.loads(content))).encode()
+                    content = json.dumps(portable_config(json.loads(content))).encode()
                 out.writestr(zipfile.ZipInfo(name, ZIP_DATE), content, compress_type=zipfile.ZIP_DEFLATED)
 
 

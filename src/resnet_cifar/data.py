@@ -23,7 +23,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import zipfile
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +34,7 @@ import numpy as np
 
 from resnet_cifar.params import data_params, load_params
 from resnet_cifar.paths import raw_path
+from resnet_cifar.datasets import DataError
 from resnet_cifar.stage import StageError, atomic_path, run
 
 OFFICIAL_URL_BASE = "https://www.cs.toronto.edu/~kriz/"
@@ -70,10 +70,6 @@ OFFICIAL_SIZES_WITHOUT_MD5 = {
 PIXELS = 3 * 32 * 32
 RETRY_DELAYS_S = (2, 8)  # waits before the 2nd and 3rd download attempts
 TIMEOUT_S = 60
-
-
-class DataError(StageError):
-    """A missing, unreachable, corrupt or unexpected CIFAR archive or raw data file."""
 
 
 @dataclass(frozen=True)
@@ -370,21 +366,6 @@ def _class_names(data: bytes, key: bytes, where: str) -> list[str]:
         raise DataError(f"{where}: expected a list of class names under {key!r}, "
                         f"found {type(names).__name__}")
     return [name.decode(errors="replace").strip() for name in names if name.strip()]
-
-
-def load_raw(path: Path) -> dict[str, np.ndarray]:
-    """The arrays the download stage wrote to `path`."""
-    try:
-        with np.load(path) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise DataError(f"{path}: missing, truncated or not a valid .npz ({err}); "
-                        "run `dvc repro -f download` to recreate it") from None
-    missing = [key for key in ("x_train", "y_train", "x_test", "y_test", "classes") if key not in arrays]
-    if missing:
-        raise DataError(f"{path}: lacks arrays {', '.join(missing)}; "
-                        "run `dvc repro -f download` to recreate it")
-    return arrays
 
 
 def main(argv: list[str]) -> None:

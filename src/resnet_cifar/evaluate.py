@@ -17,10 +17,10 @@ import keras
 import numpy as np
 
 from resnet_cifar import models  # noqa: F401 (registers the custom layers a saved model may hold)
-from resnet_cifar.params import load_params, variant_spec
+from resnet_cifar.params import backend, load_params, variant_spec
 from resnet_cifar.paths import confusion_path, evaluate_path, model_path, timing_path
-from resnet_cifar.prepare import load_prepared
-from resnet_cifar.runtime import quiet_graph_optimizer
+from resnet_cifar.datasets import load_prepared
+from resnet_cifar.runtime import check_backend, quiet_graph_optimizer
 from resnet_cifar.stage import StageError, all_or_nothing, atomic_path, run
 
 BATCH_SIZE = 1024
@@ -102,7 +102,9 @@ def write_confusion(path: Path, true_ids: np.ndarray, predicted_ids: np.ndarray,
 def main(argv: list[str]) -> None:
     if len(argv) != 1:
         raise StageError("usage: python -m resnet_cifar.evaluate <variant>")
-    spec = variant_spec(load_params(), argv[0])  # validates the variant's params
+    params = load_params()
+    check_backend(backend(params))
+    spec = variant_spec(params, argv[0])  # validates the variant's params
     variant = spec.name
     data = load_prepared()
     quiet_graph_optimizer()

@@ -10,12 +10,11 @@ import json
 
 import numpy as np
 
-from resnet_cifar.data import load_raw
+from resnet_cifar.datasets import SPLITS, labels_and_classes, load_raw
 from resnet_cifar.params import data_params, load_params
 from resnet_cifar.paths import EXPLORE_FIGURES_DIR as PLOTS_DIR
 from resnet_cifar.paths import EXPLORE_JSON, raw_path
 from resnet_cifar.plots import plt, save_figure
-from resnet_cifar.prepare import SPLITS, labels_and_classes
 from resnet_cifar.stage import all_or_nothing, atomic_path, run
 
 CHANNELS = ("red", "green", "blue")

@@ -22,6 +22,8 @@ import keras
 import numpy as np
 from keras import layers, regularizers
 
+from resnet_cifar.runtime import synchronized_norm
+
 WHITENING_PATCH = 2  # the patch-whitening layer's patches: 2x2 pixels (airbench's)
 WHITENING_EPSILON = 5e-4  # added to the patches' covariance eigenvalues (airbench's)
 WHITENING_IMAGES = 5000  # the training images whose patches set the whitening filters (airbench's)
@@ -32,8 +34,9 @@ def normalization(kind: str, name: str, momentum: float = 0.99, scale: bool = Tr
     momentum and whether it learns a scale) layer."""
     if kind == "layer":
         return layers.LayerNormalization(name=name)
-    # Synchronized: under tf.distribute, statistics of the whole global batch, as on one device.
-    return layers.BatchNormalization(momentum=momentum, scale=scale, synchronized=True, name=name)
+    # Synchronized where TensorFlow trains on several replicas: statistics of the whole global
+    # batch, as on one device (only TensorFlow's batch norm takes the switch).
+    return layers.BatchNormalization(momentum=momentum, scale=scale, synchronized=synchronized_norm(), name=name)
 
 
 def normalized(x, norm: str, activation: str | None, name: str, momentum: float = 0.99, scale: bool = True):

@@ -19,6 +19,7 @@ DATASETS = ("cifar10", "cifar100")
 LABEL_MODES = ("fine", "coarse")
 NETWORK, INPUT, OPTIMIZATION, EVALUATION = "network", "input", "optimization", "evaluation"
 PER_WIDTH_KEYS = ("blocks", "l2")  # one value for all widths, or a list of exactly one per width
+BACKENDS = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}  # Keras backend: what installs it
 
 
 class ParamsError(StageError):
@@ -198,8 +199,9 @@ class VariantSpec:
 
 VARIANT_KEYS = tuple(f.name for f in fields(VariantSpec) if f.metadata)
 # widths are each variant's own; max_epochs caps every variant's epochs (a short check, such as a
-# pull request's), so it is the shared section's alone.
-TRAIN_KEYS = tuple(name for name in VARIANT_KEYS if name != "widths") + ("max_epochs",)
+# pull request's), and backend is the one Keras backend of every stage (Keras picks it once, when
+# imported), so those two are the shared section's alone.
+TRAIN_KEYS = tuple(name for name in VARIANT_KEYS if name != "widths") + ("max_epochs", "backend")
 WEIGHT_DECAY_OPTIMIZERS = ("adamw", "lion", "sgd", "nesterov")
 SGD_OPTIMIZERS = ("sgd", "nesterov")
 DENSE_ONLY = {"expansion": 1.0, "dropout": 0.0}  # and l2: each with its value that means "off"
@@ -252,6 +254,11 @@ def train_defaults(params: dict) -> dict:
     return defaults
 
 
+def backend(params: dict) -> str:
+    """The validated train.backend: the Keras backend the train and evaluate stages run on."""
+    return choice(*BACKENDS)(train_defaults(params)["backend"], "train.backend")
+
+
 def variant_spec(params: dict, name: str) -> VariantSpec:
     """The validated spec of variant `name`: `train` defaults overridden by `variants.<name>`."""
     defaults = train_defaults(params)
@@ -277,8 +284,8 @@ def variant_spec(params: dict, name: str) -> VariantSpec:
         _fail(where["warmup_epochs"], f"an integer in [0, epochs) = [0, {values['epochs']})",
               values["warmup_epochs"])
     if values["weight_decay"] and values["optimizer"] not in WEIGHT_DECAY_OPTIMIZERS:
-        _fail(where["weight_decay"], f"0 with optimizer {values['optimizer']} (its weight decay is decoupled: adamw, lion, sgd, nesterov)",
-              values["weight_decay"])
+        _fail(where["weight_decay"], f"0 with optimizer {values['optimizer']} (its weight decay is decoupled: "
+              f"{', '.join(WEIGHT_DECAY_OPTIMIZERS)})", values["weight_decay"])
     if values["norm_lr_factor"] != 1 and values["optimizer"] not in SGD_OPTIMIZERS:
         _fail(where["norm_lr_factor"], f"1 with optimizer {values['optimizer']} (the factor is sgd's and nesterov's)",
               values["norm_lr_factor"])

@@ -9,13 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from resnet_cifar.data import load_raw
+from resnet_cifar.datasets import SPLITS, labels_and_classes, load_raw
 from resnet_cifar.params import data_params, load_params
 from resnet_cifar.paths import PREPARED_DIR, raw_path
-from resnet_cifar.stage import StageError, atomic_path, run
-
-SPLITS = ("train", "test")
-
+from resnet_cifar.stage import atomic_path, run
 
 def normalize(images: np.ndarray) -> np.ndarray:
     """uint8 pixels -> float32 in [0, 1], in one allocation the size of the result."""
@@ -27,14 +24,6 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
     encoded = np.zeros((len(labels), num_classes), dtype=np.float32)
     encoded[np.arange(len(labels)), labels] = 1.0
     return encoded
-
-
-def labels_and_classes(raw: dict, label_mode: str) -> tuple[dict, list[str]]:
-    """The label arrays for each split, and the class names, of the chosen label mode."""
-    coarse = label_mode == "coarse"
-    labels = {split: raw[f"y_{split}_coarse" if coarse else f"y_{split}"] for split in SPLITS}
-    classes = [str(name) for name in raw["coarse_classes" if coarse else "classes"]]
-    return labels, classes
 
 
 def write_prepared(raw: dict, label_mode: str, out_dir: Path = PREPARED_DIR) -> None:
@@ -53,19 +42,6 @@ def write_prepared(raw: dict, label_mode: str, out_dir: Path = PREPARED_DIR) -> 
             del x
         (tmp / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
     print(f"wrote {out_dir}/ ({len(classes)} classes)")
-
-
-def load_prepared(prepared_dir: Path = PREPARED_DIR) -> dict:
-    """x_train, y_train, x_test, y_test and classes, as `prepare` wrote them."""
-    prepared = {}
-    for name in [f"{kind}_{split}" for kind in ("x", "y") for split in SPLITS] + ["classes"]:
-        path = prepared_dir / (f"{name}.json" if name == "classes" else f"{name}.npy")
-        try:
-            prepared[name] = json.loads(path.read_text()) if name == "classes" else np.load(path)
-        except (OSError, ValueError, EOFError) as err:
-            raise StageError(f"{path}: missing or corrupt ({err}); "
-                             "rebuild it with `dvc repro -f prepare`") from None
-    return prepared
 
 
 def main(argv: list[str]) -> None:

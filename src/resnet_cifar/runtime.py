@@ -1,26 +1,54 @@
-"""The machine a stage runs on, as TensorFlow sees it: devices, precision, determinism, the graph
-optimizer, and the record of what ran, which the train stage writes beside its times.
+"""The machine a stage runs on, on each Keras backend: devices, precision, distribution, determinism,
+and the record of what ran, which the train stage writes beside its times. Everything that differs
+between TensorFlow, JAX and PyTorch is here.
+
+The backend is params.yaml's `train.backend`. Keras reads KERAS_BACKEND once, when first imported,
+so every stage sets it from params.yaml before anything imports Keras (resnet_cifar/__init__.py).
 
 Precision `auto` trains in mixed bfloat16 where the hardware computes bfloat16 natively (a GPU
 from Ampere on; a CPU with AVX-512 BF16 or AMX: 1.6x faster than float32 on the baseline, 1.85x
 the assignment's code path, bench/bench_train.py), in mixed float16 with loss scaling on Volta and
 Turing GPUs, in float32 otherwise.
 
-`devices` `auto` trains on every visible GPU, synchronous data parallel (MirroredStrategy; the
-batch size stays the global batch), or on the CPU when there is none; a list pins the GPUs.
+`devices` `auto` trains on every visible GPU, synchronous data parallel (the batch size stays the
+global batch), or on the CPU when there is none; a list pins the GPUs. TensorFlow distributes with
+MirroredStrategy, JAX with Keras's DataParallel (also across hosts: docs/scaling-out.md); the
+PyTorch backend trains on one device.
 """
 
+import contextlib
+import importlib
+import importlib.util
 import platform
 from pathlib import Path
 
 import keras
-import tensorflow as tf
 
+from resnet_cifar.params import BACKENDS
 from resnet_cifar.stage import StageError
 
 CPUINFO = Path("/proc/cpuinfo")
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}  # float16: Keras adds loss scaling
+# float16: Keras adds loss scaling
+POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+BACKEND = keras.backend.backend()
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+elif BACKEND == "jax":
+    import jax
+elif BACKEND == "torch":
+    import torch
+
+
+def check_backend(wanted: str) -> None:
+    """Stop unless Keras runs on `wanted`, the backend params.yaml names."""
+    if BACKEND == wanted:
+        return
+    if importlib.util.find_spec(wanted) is None:
+        raise StageError(f"params.yaml: train.backend: {wanted} is not installed here; install it "
+                         f"(`pip install {BACKENDS[wanted]}`; README: Backends and GPUs) or choose another one")
+    raise StageError(f"params.yaml: train.backend: {wanted}, but Keras started on {BACKEND} (KERAS_BACKEND): "
+                     f"run the stage as `python -m resnet_cifar.<stage>` from the project root, which sets it")
 
 
 def read_cpuinfo(cpuinfo: Path = CPUINFO) -> str | None:
@@ -49,43 +77,108 @@ def resolve_precision(precision: str, cpuinfo: Path = CPUINFO,
     return "bfloat16" if description and has_native_bfloat16(description) else "float32"  # unknown: the safe choice
 
 
+def gpus() -> list:
+    """The backend's handles of the GPUs it sees."""
+    if BACKEND == "tensorflow":
+        return tf.config.list_physical_devices("GPU")
+    if BACKEND == "jax":
+        return [device for device in jax.devices() if device.platform == "gpu"]
+    return list(range(torch.cuda.device_count()))
+
+
+def capability(gpu) -> tuple[int, int]:
+    """A GPU's CUDA compute capability."""
+    if BACKEND == "tensorflow":
+        return tuple(tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0)))
+    if BACKEND == "jax":
+        return tuple(int(part) for part in getattr(gpu, "compute_capability", "0.0").split("."))
+    return tuple(torch.cuda.get_device_capability(gpu))
+
+
+def gpu_name(gpu) -> str:
+    if BACKEND == "tensorflow":
+        return tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
+    if BACKEND == "jax":
+        return gpu.device_kind
+    return torch.cuda.get_device_name(gpu)
+
+
 def use_devices(devices: str | tuple[int, ...]) -> list[tuple[int, int]]:
-    """Hide the GPUs that `devices` leaves out (before TensorFlow starts its runtime); return the
-    compute capabilities of those in use."""
-    gpus = tf.config.list_physical_devices("GPU")
-    if devices != "auto":
-        missing = [index for index in devices if index >= len(gpus)] if devices != "cpu" else []
+    """Pick the GPUs that `devices` names (all of them for `auto`, none for `cpu`); return the
+    compute capabilities of those in use. Call it before anything runs on a device."""
+    global _chosen
+    visible = gpus()
+    if devices not in ("auto", "cpu"):
+        missing = [index for index in devices if index >= len(visible)]
         if missing:
             raise StageError(f"params.yaml: train.devices: no GPU {missing[0]} on this machine "
-                             f"({len(gpus)} visible)")
-        gpus = [] if devices == "cpu" else [gpus[index] for index in devices]
-        tf.config.set_visible_devices(gpus, "GPU")
-    return [tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0)) for gpu in gpus]
+                             f"({len(visible)} visible)")
+    _chosen = [] if devices == "cpu" else visible if devices == "auto" else [visible[index] for index in devices]
+    if BACKEND == "tensorflow":  # TensorFlow keeps the others off its runtime
+        tf.config.set_visible_devices(_chosen, "GPU")
+    return [capability(gpu) for gpu in _chosen]
+
+
+_chosen: list = []  # the GPUs in use, set by use_devices
 
 
 def replicas() -> list[str]:
-    """The devices to train on: the visible GPUs, or none (the CPU)."""
-    return [device.name for device in tf.config.list_logical_devices("GPU")]
+    """The devices to train on, as the backend's distribution names them: the GPUs in use, or
+    none (the CPU)."""
+    if BACKEND == "tensorflow":
+        return [device.name for device in tf.config.list_logical_devices("GPU")]
+    return [f"gpu:{gpu.id}" if BACKEND == "jax" else f"cuda:{gpu}" for gpu in _chosen]
 
 
-def distribution(devices: list[str]) -> tf.distribute.Strategy:
-    """MirroredStrategy over several devices; on one, TensorFlow's default (with which Keras
-    compiles the training step with XLA on a GPU; it does not under a strategy)."""
-    return tf.distribute.MirroredStrategy(devices) if len(devices) > 1 else tf.distribute.get_strategy()
+def distribution(devices: list[str]) -> contextlib.AbstractContextManager:
+    """The scope to build and train the model in: synchronous data parallel over several devices
+    (TensorFlow's MirroredStrategy, Keras's DataParallel on JAX), or the backend's default."""
+    if len(devices) <= 1:
+        return tf.distribute.get_strategy().scope() if BACKEND == "tensorflow" else contextlib.nullcontext()
+    if BACKEND == "tensorflow":
+        return tf.distribute.MirroredStrategy(devices).scope()
+    if BACKEND == "jax":
+        return keras.distribution.DataParallel(devices=devices).scope()
+    raise StageError(f"params.yaml: train.devices: the torch backend trains on one device, not {len(devices)} "
+                     "(choose one GPU, or the jax or tensorflow backend)")
+
+
+def replica_count() -> int:
+    """The devices that the distribution in scope trains on."""
+    if BACKEND == "tensorflow":
+        return tf.distribute.get_strategy().num_replicas_in_sync
+    in_scope = keras.distribution.distribution()
+    return in_scope.device_mesh.devices.size if in_scope else 1
+
+
+def steps_per_call(steps_per_epoch: int) -> int:
+    """A whole epoch per call of the training function, which takes Python out of its steps on
+    TensorFlow; one under several TensorFlow replicas (Keras 3 fails otherwise: keras-team/keras#19246)."""
+    return 1 if BACKEND == "tensorflow" and replica_count() > 1 else steps_per_epoch
+
+
+def synchronized_norm() -> bool:
+    """Whether batch norm must average its statistics over the replicas itself (TensorFlow's
+    MirroredStrategy; Keras's DataParallel on JAX normalizes over the global batch already)."""
+    return BACKEND == "tensorflow" and replica_count() > 1
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and TensorFlow, and make TF ops deterministic, for repeatable runs."""
+    """Seed Python, NumPy and the backend, and make its ops deterministic, for repeatable runs."""
     keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
+    if BACKEND == "tensorflow":
+        tf.config.experimental.enable_op_determinism()
+    elif BACKEND == "torch":
+        torch.use_deterministic_algorithms(True)
 
 
 def quiet_graph_optimizer() -> None:
-    """Turn off grappler's remapper. On oneDNN CPUs it fuses a residual block's Add and ReLU into
-    one node that the TFG optimizer then rejects ("E0000 ... tfg_optimizer_hook ... has an empty op
-    name"), an error line per traced function that changes nothing but alarms; without the fusion
-    the baseline trains as fast (docs/speed.md)."""
-    tf.config.optimizer.set_experimental_options({"remapping": False})
+    """TensorFlow: turn off grappler's remapper. On oneDNN CPUs it fuses a residual block's Add
+    and ReLU into one node that the TFG optimizer then rejects ("E0000 ... tfg_optimizer_hook ...
+    has an empty op name"), an error line per traced function that changes nothing but alarms;
+    without the fusion the baseline trains as fast (docs/speed.md)."""
+    if BACKEND == "tensorflow":
+        tf.config.optimizer.set_experimental_options({"remapping": False})
 
 
 def cpu_name(cpuinfo: Path = CPUINFO) -> str:
@@ -100,16 +193,13 @@ def cpu_name(cpuinfo: Path = CPUINFO) -> str:
 
 def device_name() -> str:
     """The GPUs in use by name, or the CPU."""
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return cpu_name()
-    return ", ".join(tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name) for gpu in gpus)
+    return ", ".join(gpu_name(gpu) for gpu in _chosen) if _chosen else cpu_name()
 
 
 def versions() -> dict[str, str]:
-    return {"keras": keras.__version__, "tensorflow": tf.__version__}
+    return {"keras": keras.__version__, BACKEND: importlib.import_module(BACKEND).__version__}
 
 
 def run_record(precision: str) -> dict[str, str]:
     """What produced a result: backend, resolved precision, device and versions."""
-    return {"backend": keras.backend.backend(), "precision": precision, "device": device_name(), **versions()}
+    return {"backend": BACKEND, "precision": precision, "device": device_name(), **versions()}

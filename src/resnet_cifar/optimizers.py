@@ -1,0 +1,89 @@
+"""The train stage's optimizers and learning-rate schedule, in Keras alone (the same on every
+backend): Adam, AdamW, Lion or SGD (plain or Nesterov, with a larger step for the norm layers'
+weights), decoupled weight decay, an average of the weights, and a linear warm-up followed by
+constant, cosine or linear decay.
+"""
+
+import math
+
+import keras
+from keras import ops
+
+from resnet_cifar.params import VariantSpec
+
+NESTEROV_MOMENTUM = 0.9  # optimizer `nesterov`: SGD with this Nesterov momentum (He et al., Page)
+
+
+@keras.saving.register_keras_serializable(package="resnet_cifar")
+class WarmupThenDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up from 0 to `peak` over `warmup_steps`, then constant, cosine or linear
+    decay to 0 at `total_steps`."""
+
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int, decay: str):
+        self.peak, self.warmup_steps, self.total_steps, self.decay = peak, warmup_steps, total_steps, decay
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        warmup = step / max(self.warmup_steps, 1)
+        progress = ops.clip((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 0, 1)
+        after = {"constant": ops.ones_like(progress), "cosine": 0.5 * (1 + ops.cos(math.pi * progress)),
+                 "linear": 1 - progress}[self.decay]
+        return self.peak * ops.where(step < self.warmup_steps, warmup, after)
+
+    def get_config(self):
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
+                "decay": self.decay}
+
+
+def learning_rate(spec: VariantSpec, steps_per_epoch: int) -> float | WarmupThenDecay:
+    """The constant rate, or linear warm-up from 0 to it, then constant, cosine or linear decay to 0."""
+    if spec.schedule == "constant" and not spec.warmup_epochs:
+        return spec.learning_rate
+    return WarmupThenDecay(spec.learning_rate, spec.warmup_epochs * steps_per_epoch,
+                           spec.epochs * steps_per_epoch, spec.schedule)
+
+
+@keras.saving.register_keras_serializable(package="resnet_cifar")
+class SGD(keras.optimizers.SGD):
+    """Keras's SGD, whose steps for the weights at `boosted_paths` (the norm layers' offsets and
+    scales) are `factor` times larger (airbench's 64: batch norm's offsets learn slowly otherwise);
+    their weight decay stays the other weights'."""
+
+    def __init__(self, factor: float = 1.0, boosted_paths: tuple[str, ...] = (), **kwargs):
+        super().__init__(**kwargs)
+        self.factor, self.boosted_paths = factor, tuple(boosted_paths)
+
+    def build(self, variables):
+        super().build(variables)
+        self.boosted = [variable.path in self.boosted_paths for variable in variables]
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self.boosted[self._get_variable_index(variable)]:
+            learning_rate = learning_rate * self.factor
+        super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self):
+        return super().get_config() | {"factor": self.factor, "boosted_paths": list(self.boosted_paths)}
+
+
+def norm_weight_paths(model: keras.Model) -> tuple[str, ...]:
+    """The paths of the trainable weights of the model's normalization layers."""
+    norms = (keras.layers.BatchNormalization, keras.layers.LayerNormalization)
+    return tuple(weight.path for layer in model.layers if isinstance(layer, norms) for weight in layer.trainable_weights)
+
+
+def optimizer(spec: VariantSpec, steps_per_epoch: int, norm_paths: tuple[str, ...] = ()) -> keras.optimizers.Optimizer:
+    """The variant's optimizer; weight decay is decoupled (Keras's), EMA is Keras's weight average.
+    SGD's steps for the weights at `norm_paths` are norm_lr_factor times larger."""
+    common = {"learning_rate": learning_rate(spec, steps_per_epoch), "weight_decay": spec.weight_decay or None}
+    if spec.ema:  # the model ends training with the averaged weights
+        common |= {"use_ema": True, "ema_momentum": spec.ema}
+    if spec.optimizer == "adamw":
+        return keras.optimizers.AdamW(**common)
+    if spec.optimizer == "adam":
+        return keras.optimizers.Adam(**common)
+    if spec.optimizer == "lion":  # Chen et al. 2023: the sign of a momentum; Bachmann et al.'s MLPs train with it
+        return keras.optimizers.Lion(**common)
+    if spec.optimizer == "nesterov":
+        return SGD(spec.norm_lr_factor, norm_paths, momentum=NESTEROV_MOMENTUM, nesterov=True, **common)
+    return SGD(spec.norm_lr_factor, norm_paths, **common)

@@ -1,0 +1,102 @@
+"""The stages on another Keras backend than TensorFlow: JAX trains the same variants, its models
+load and predict alike on TensorFlow, and it trains one model on two devices as on one.
+(Repeatable, bit-identical resumes on JAX: test_resume.py.)"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import yaml
+
+from conftest import TINY_CONV, setup_project
+from resnet_cifar import datasets, paths, prepare
+
+pytestmark = pytest.mark.slow
+
+
+def jax_project(project: Path, monkeypatch, **train_overrides) -> None:
+    """cwd = a prepared project on the JAX backend with the tiny conv variant (batch norm,
+    patch whitening, every fast-training ingredient)."""
+    project.mkdir(exist_ok=True)
+    setup_project(project, monkeypatch, "cifar-10-binary", n_train=300, epochs=3, backend="jax", **train_overrides)
+    prepare.main([])
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["variants"] = {"conv": TINY_CONV | {"learning_rate": 0.005}}
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+
+
+def run(command: list[str], env: dict | None = None) -> str:
+    ran = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    return ran.stdout
+
+
+PREDICT_ON_JAX = """
+import sys
+import keras
+import numpy as np
+from resnet_cifar import models  # registers the custom layers
+model = keras.models.load_model(sys.argv[1], compile=False)
+np.save(sys.argv[3], model.predict(np.load(sys.argv[2]), verbose=0))
+"""
+
+
+def test_a_model_trained_on_jax_predicts_as_it_does_on_tensorflow(tmp_path, monkeypatch):
+    jax_project(tmp_path / "project", monkeypatch)
+    assert "on jax" in run([sys.executable, "-m", "resnet_cifar.train", "conv"])
+    assert keras.backend.backend() == "tensorflow"  # this process: the model is loaded on another backend
+    record = yaml.safe_load(paths.timing_path("conv").read_text())["ran_on"]
+    assert record["backend"] == "jax" and record["jax"]
+    images = datasets.load_prepared()["x_test"]
+    np.save(tmp_path / "images.npy", images)
+    run([sys.executable, "-c", PREDICT_ON_JAX, str(paths.model_path("conv")), str(tmp_path / "images.npy"),
+         str(tmp_path / "on_jax.npy")], env=os.environ | {"KERAS_BACKEND": "jax"})
+    on_tensorflow = keras.models.load_model(paths.model_path("conv"), compile=False).predict(images, verbose=0)
+    np.testing.assert_allclose(on_tensorflow, np.load(tmp_path / "on_jax.npy"), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="PyTorch is installed here")
+@pytest.mark.parametrize("backend, message", [
+    ("torch", "params.yaml: train.backend: torch is not installed here; install it (`pip install torch`"),
+    ("theano", "params.yaml: train.backend: expected one of tensorflow, jax, torch, got 'theano'")])
+def test_a_backend_that_is_unknown_or_not_installed_stops_the_stage_naming_the_key(tmp_path, monkeypatch, backend,
+                                                                                    message):
+    setup_project(tmp_path, monkeypatch, "cifar-10-binary", backend=backend)
+    for stage in ("train", "evaluate"):
+        ran = subprocess.run([sys.executable, "-m", f"resnet_cifar.{stage}", "small"], capture_output=True,
+                             text=True, timeout=300)
+        assert ran.returncode == 1 and message in ran.stderr, ran.stderr
+
+
+# The train stage on JAX with the CPU split into two host devices, trained on the first `n` of them.
+ON_HOST_DEVICES = """
+import os
+import sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+from resnet_cifar import stage, train
+n = int(sys.argv.pop(1))
+train.replicas = lambda: ["cpu:0", "cpu:1"][:n]
+stage.run(train.main)
+"""
+
+
+def weights(project: Path) -> list[np.ndarray]:
+    return keras.models.load_model(project / paths.model_path("conv"), compile=False).get_weights()
+
+
+def test_two_jax_devices_train_as_one_does_with_the_same_global_batch(tmp_path, monkeypatch):
+    trained = {}
+    for n in (1, 2):
+        project = tmp_path / f"on{n}"
+        jax_project(project, monkeypatch)
+        printed = run([sys.executable, "-c", ON_HOST_DEVICES, str(n), "conv"],
+                      env=os.environ | {"KERAS_BACKEND": "jax"})
+        assert f"training in float32 on {', '.join(['cpu:0', 'cpu:1'][:n])}, Keras" in printed
+        trained[n] = weights(project)
+    for one, two in zip(trained[1], trained[2]):
+        np.testing.assert_allclose(two, one, rtol=1e-3, atol=1e-4)
