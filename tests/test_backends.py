@@ -1,9 +1,11 @@
 """The stages on another Keras backend than TensorFlow: JAX trains the same variants, its models
-load and predict alike on TensorFlow, and it trains one model on two devices as on one.
+load and predict alike on TensorFlow, and it trains one model on two devices, or in two processes,
+as on one.
 (Repeatable, bit-identical resumes on JAX: test_resume.py.)"""
 
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import TINY_CONV, setup_project
-from resnet_cifar import datasets, paths, prepare
+from resnet_cifar import datasets, models, paths, prepare  # models: registers the custom layers to load
 
 pytestmark = pytest.mark.slow
 
@@ -76,6 +78,7 @@ def test_a_backend_that_is_unknown_or_not_installed_stops_the_stage_naming_the_k
 # The train stage on JAX with the CPU split into two host devices, trained on the first `n` of them.
 ON_HOST_DEVICES = """
 import os
+import socket
 import sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 from resnet_cifar import stage, train
@@ -100,3 +103,48 @@ def test_two_jax_devices_train_as_one_does_with_the_same_global_batch(tmp_path, 
         trained[n] = weights(project)
     for one, two in zip(trained[1], trained[2]):
         np.testing.assert_allclose(two, one, rtol=1e-3, atol=1e-4)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_jax_processes_train_one_model_as_one_process_does(tmp_path, monkeypatch):
+    """Two processes on 127.0.0.1 as one data-parallel job (JAX's distributed runtime, the CPUs'
+    collectives over TCP): process 0 writes what a single process writes, the same weights."""
+    alone, job = tmp_path / "alone", tmp_path / "job"
+    jax_project(alone, monkeypatch)
+    run([sys.executable, "-m", "resnet_cifar.train", "conv"])
+    jax_project(job, monkeypatch)
+    address = f"127.0.0.1:{free_port()}"
+    processes = [subprocess.Popen([sys.executable, "-m", "resnet_cifar.train", "conv"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True,
+                                  env=os.environ | {"KERAS_DISTRIBUTION_JOB_ADDRESSES": address,
+                                                    "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
+                                                    "KERAS_DISTRIBUTION_PROCESS_ID": str(index)})
+                 for index in (0, 1)]
+    printed = [process.communicate(timeout=600)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], "\n".join(printed)
+    assert "training in float32 on cpu:0, cpu:" in printed[0] and "2 processes, each on" in \
+        yaml.safe_load((job / paths.timing_path("conv")).read_text())["ran_on"]["device"]
+    assert "epoch 3/3" in printed[0] and "epoch" not in printed[1]  # process 0 reports and writes
+    assert not (job / paths.CHECKPOINTS_DIR).exists() or not any((job / paths.CHECKPOINTS_DIR).iterdir())
+    for one, two in zip(weights(alone), weights(job)):
+        np.testing.assert_allclose(two, one, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend, environment, message", [
+    ("tensorflow", {"KERAS_DISTRIBUTION_NUM_PROCESSES": "2"},
+     "KERAS_DISTRIBUTION_NUM_PROCESSES=2: a job of several processes trains on params.yaml's train.backend: jax, "
+     "not tensorflow"),
+    ("jax", {"KERAS_DISTRIBUTION_NUM_PROCESSES": "2", "KERAS_DISTRIBUTION_PROCESS_ID": "1"},
+     "KERAS_DISTRIBUTION_NUM_PROCESSES=2, but KERAS_DISTRIBUTION_JOB_ADDRESSES not set"),
+    ("jax", {"KERAS_DISTRIBUTION_NUM_PROCESSES": "two"},
+     "KERAS_DISTRIBUTION_NUM_PROCESSES=two: expected the number of processes of the training job")])
+def test_a_job_of_several_processes_that_cannot_start_says_why(tmp_path, monkeypatch, backend, environment, message):
+    setup_project(tmp_path, monkeypatch, "cifar-10-binary", backend=backend)
+    ran = subprocess.run([sys.executable, "-m", "resnet_cifar.train", "small"], capture_output=True, text=True,
+                         timeout=300, env=os.environ | environment)
+    assert ran.returncode == 1 and message in ran.stderr, ran.stderr

@@ -33,11 +33,14 @@ def split_validation(data: dict, validation: str | float, seed: int):
 class TrainingBatches(keras.utils.PyDataset):
     """The batches of epochs first_epoch .. spec.epochs - 1 as one sequence, which `fit` reads on
     from epoch to epoch: batch i is step i % steps_per_epoch of epoch first_epoch + i // steps_per_epoch,
-    augmented as the spec says."""
+    augmented as the spec says. Process `process` of a job of `processes` gets its share of each
+    batch: its slice of the rows, in process order."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, spec: VariantSpec, first_epoch: int):
+    def __init__(self, x: np.ndarray, y: np.ndarray, spec: VariantSpec, first_epoch: int,
+                 process: int = 0, processes: int = 1):
         super().__init__()
         self.x, self.y, self.spec, self.first_epoch = x, y, spec, first_epoch
+        self.process, self.processes = process, processes
         self.steps_per_epoch = math.ceil(len(x) / spec.batch_size)
         # Alternating flips: the images mirrored in even epochs (the others in odd ones), drawn once.
         self.mirrored_in_even_epochs = random_stream(spec.seed, ALTERNATION).random(len(x)) < 0.5
@@ -55,7 +58,10 @@ class TrainingBatches(keras.utils.PyDataset):
             order = random_stream(self.spec.seed, ORDER, epoch).permutation(len(self.x))
             self.epoch_order = (epoch, order)  # one assignment: safe to read from another thread
         indices = order[step * self.spec.batch_size:(step + 1) * self.spec.batch_size]
-        return self.batch(indices, epoch, step)
+        images, labels = self.batch(indices, epoch, step)
+        # The whole batch is drawn in every process (mixup pairs images across all of it).
+        share = slice(len(indices) * self.process // self.processes, len(indices) * (self.process + 1) // self.processes)
+        return images[share], labels[share]
 
     def batch(self, indices: np.ndarray, epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
         """The images and labels at `indices`, augmented with the draws of (epoch, step)."""

@@ -53,5 +53,6 @@ def curves_path(metric: str, variant: str) -> Path:
     return CURVES_DIR / metric / f"{variant}.csv"
 
 
-def checkpoint_dir(variant: str) -> Path:
-    return CHECKPOINTS_DIR / variant
+def checkpoint_dir(variant: str, process: int = 0) -> Path:
+    """Process 0's, or a single process's; each other process of a job keeps its own."""
+    return CHECKPOINTS_DIR / (variant if process == 0 else f"{variant}.process-{process}")

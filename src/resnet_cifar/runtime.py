@@ -12,13 +12,16 @@ Turing GPUs, in float32 otherwise.
 
 `devices` `auto` trains on every visible GPU, synchronous data parallel (the batch size stays the
 global batch), or on the CPU when there is none; a list pins the GPUs. TensorFlow distributes with
-MirroredStrategy, JAX with Keras's DataParallel (also across hosts: docs/scaling-out.md); the
-PyTorch backend trains on one device.
+MirroredStrategy, JAX with Keras's DataParallel; the PyTorch backend trains on one device.
+
+On JAX one model also trains across processes and hosts, as one synchronous data-parallel job:
+the KERAS_DISTRIBUTION_* environment variables describe the job (README: Backends and GPUs).
 """
 
 import contextlib
 import importlib
 import importlib.util
+import os
 import platform
 from pathlib import Path
 
@@ -31,6 +34,8 @@ CPUINFO = Path("/proc/cpuinfo")
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # float16: Keras adds loss scaling
 POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+# Keras's description of a job of several processes (read by keras.distribution.initialize)
+JOB_ENV = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES", "KERAS_DISTRIBUTION_PROCESS_ID")
 BACKEND = keras.backend.backend()
 if BACKEND == "tensorflow":
     import tensorflow as tf
@@ -49,6 +54,29 @@ def check_backend(wanted: str) -> None:
                          f"(`pip install {BACKENDS[wanted]}`; README: Backends and GPUs) or choose another one")
     raise StageError(f"params.yaml: train.backend: {wanted}, but Keras started on {BACKEND} (KERAS_BACKEND): "
                      f"run the stage as `python -m resnet_cifar.<stage>` from the project root, which sets it")
+
+
+def join_processes() -> tuple[int, int]:
+    """(this process's index, the number of processes) of the training job: join the others where
+    KERAS_DISTRIBUTION_NUM_PROCESSES says there are several. Call it before anything touches a device."""
+    count = os.environ.get(JOB_ENV[1], "1")
+    if not count.isdigit() or int(count) < 1:
+        raise StageError(f"{JOB_ENV[1]}={count}: expected the number of processes of the training job")
+    if int(count) == 1:
+        return 0, 1
+    if BACKEND != "jax":
+        raise StageError(f"{JOB_ENV[1]}={count}: a job of several processes trains on params.yaml's "
+                         f"train.backend: jax, not {BACKEND}")
+    missing = [name for name in (JOB_ENV[0], JOB_ENV[2]) if name not in os.environ]
+    if missing:
+        raise StageError(f"{JOB_ENV[1]}={count}, but {' and '.join(missing)} not set (README: Backends and GPUs)")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPUs exchange gradients over TCP
+    keras.distribution.initialize()
+    return jax.process_index(), jax.process_count()
+
+
+def process_count() -> int:
+    return jax.process_count() if BACKEND == "jax" else 1
 
 
 def read_cpuinfo(cpuinfo: Path = CPUINFO) -> str | None:
@@ -108,6 +136,9 @@ def use_devices(devices: str | tuple[int, ...]) -> list[tuple[int, int]]:
     compute capabilities of those in use. Call it before anything runs on a device."""
     global _chosen
     visible = gpus()
+    if devices not in ("auto", "cpu") and process_count() > 1:
+        raise StageError("params.yaml: train.devices: a job of several processes trains on every GPU of each "
+                         "process (auto) or on their CPUs (cpu), not on a list")
     if devices not in ("auto", "cpu"):
         missing = [index for index in devices if index >= len(visible)]
         if missing:
@@ -124,7 +155,9 @@ _chosen: list = []  # the GPUs in use, set by use_devices
 
 def replicas() -> list[str]:
     """The devices to train on, as the backend's distribution names them: the GPUs in use, or
-    none (the CPU)."""
+    none (the CPU); in a job of several processes, those of every process."""
+    if process_count() > 1:
+        return [f"{device.platform}:{device.id}" for device in jax.devices("gpu" if _chosen else "cpu")]
     if BACKEND == "tensorflow":
         return [device.name for device in tf.config.list_logical_devices("GPU")]
     return [f"gpu:{gpu.id}" if BACKEND == "jax" else f"cuda:{gpu}" for gpu in _chosen]
@@ -137,8 +170,8 @@ def distribution(devices: list[str]) -> contextlib.AbstractContextManager:
         return tf.distribute.get_strategy().scope() if BACKEND == "tensorflow" else contextlib.nullcontext()
     if BACKEND == "tensorflow":
         return tf.distribute.MirroredStrategy(devices).scope()
-    if BACKEND == "jax":
-        return keras.distribution.DataParallel(devices=devices).scope()
+    if BACKEND == "jax":  # each process reads its own share of every batch (batches.py): no sharding
+        return keras.distribution.DataParallel(devices=devices, auto_shard_dataset=False).scope()
     raise StageError(f"params.yaml: train.devices: the torch backend trains on one device, not {len(devices)} "
                      "(choose one GPU, or the jax or tensorflow backend)")
 
@@ -149,6 +182,16 @@ def replica_count() -> int:
         return tf.distribute.get_strategy().num_replicas_in_sync
     in_scope = keras.distribution.distribution()
     return in_scope.device_mesh.devices.size if in_scope else 1
+
+
+def check_even_split(variant: str, batch_size: int, images: int, devices: int) -> None:
+    """Stop unless every batch of an epoch, its last and smaller one too, splits evenly over the
+    devices, as JAX's data parallel needs (TensorFlow's splits uneven batches itself)."""
+    last = images % batch_size or batch_size
+    if BACKEND == "jax" and (batch_size % devices or last % devices):
+        raise StageError(f"params.yaml: the batch_size of variant {variant}, {batch_size}, leaves batches of "
+                         f"{batch_size} and {last} of its {images} training images, which do not split over "
+                         f"{devices} devices; choose one that does")
 
 
 def steps_per_call(steps_per_epoch: int) -> int:
@@ -192,8 +235,9 @@ def cpu_name(cpuinfo: Path = CPUINFO) -> str:
 
 
 def device_name() -> str:
-    """The GPUs in use by name, or the CPU."""
-    return ", ".join(gpu_name(gpu) for gpu in _chosen) if _chosen else cpu_name()
+    """The GPUs in use by name, or the CPU, and how many processes had them."""
+    name = ", ".join(gpu_name(gpu) for gpu in _chosen) if _chosen else cpu_name()
+    return name if process_count() == 1 else f"{process_count()} processes, each on {name}"
 
 
 def versions() -> dict[str, str]:

@@ -12,12 +12,14 @@ states. The network: models.py; its optimizer: optimizers.py; the backend, devic
 runtime.py.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
 import resource
 import shutil
 import time
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -32,8 +34,9 @@ from resnet_cifar.models import build_model
 from resnet_cifar.optimizers import norm_weight_paths, optimizer
 from resnet_cifar.params import NETWORK, VariantSpec, backend, load_params, variant_spec
 from resnet_cifar.paths import checkpoint_dir, live_dir, model_path, summary_path, timing_path
-from resnet_cifar.runtime import (POLICIES, check_backend, distribution, quiet_graph_optimizer, replicas,
-                                  resolve_precision, run_record, seed_everything, steps_per_call, use_devices)
+from resnet_cifar.runtime import (POLICIES, check_backend, check_even_split, distribution, join_processes,
+                                  quiet_graph_optimizer, replicas, resolve_precision, run_record, seed_everything,
+                                  steps_per_call, use_devices)
 from resnet_cifar.stage import StageError, all_or_nothing, atomic_path, run
 
 
@@ -113,7 +116,7 @@ def on_this_machine(spec: VariantSpec) -> tuple[VariantSpec, list[str], dict]:
 
 
 def built_or_resumed(spec: VariantSpec, x_fit: np.ndarray, num_classes: int, steps_per_epoch: int,
-                     expected: dict) -> tuple[keras.Model, TrainingState, list[str]]:
+                     expected: dict, checkpoint: Path) -> tuple[keras.Model, TrainingState, list[str]]:
     """The compiled model and training state, from the checkpoint of an interrupted run of the same
     fingerprint if there is one, and the model's summary (made before any training, so that a
     resumed run's is the same)."""
@@ -121,26 +124,28 @@ def built_or_resumed(spec: VariantSpec, x_fit: np.ndarray, num_classes: int, ste
     summary_lines: list[str] = []
     model.summary(print_fn=lambda line, **_: summary_lines.append(line))
     print("\n".join(summary_lines))
-    resumed = load_checkpoint(checkpoint_dir(spec.name), expected)
+    resumed = load_checkpoint(checkpoint, expected)
     if not resumed:
         return model, TrainingState(expected), summary_lines
     model, state = resumed
-    print(f"[{spec.name}] resuming after epoch {len(state.history)} from {checkpoint_dir(spec.name)}/")
+    print(f"[{spec.name}] resuming after epoch {len(state.history)} from {checkpoint}/")
     return model, state, summary_lines
 
 
-def fit(model: keras.Model, state: TrainingState, spec: VariantSpec, x_fit: np.ndarray, y_fit: np.ndarray,
-        validation_data: tuple, steps_per_epoch: int) -> None:
-    """Train the epochs not yet in `state`, logging each with DVCLive and checkpointing it."""
-    with Live(str(live_dir(spec.name)), dvcyaml=None, save_dvc_exp=False) as live:
-        live.summary["parameters"] = model.count_params()
-        replay(live, state.history)
-        model.fit(TrainingBatches(x_fit, y_fit, spec, len(state.history)),
-                  steps_per_epoch=steps_per_epoch, epochs=spec.epochs, initial_epoch=len(state.history),
-                  shuffle=False, validation_data=validation_data, verbose=0,
-                  callbacks=[StopOnDivergence(spec.name), DVCLiveCallback(live=live),
-                             EpochProgress(spec.name, spec.epochs, state.epoch_seconds),
-                             Checkpoint(checkpoint_dir(spec.name), state)])
+def fit(model: keras.Model, state: TrainingState, batches: TrainingBatches, validation_data: tuple,
+        checkpoint: Path, logged: bool) -> None:
+    """Train the epochs not yet in `state`, checkpointing each, and logging each with DVCLive
+    where `logged` (process 0 of a job; the others train alongside it)."""
+    spec = batches.spec
+    with Live(str(live_dir(spec.name)), dvcyaml=None, save_dvc_exp=False) if logged else contextlib.nullcontext() as live:
+        logging = []
+        if live:
+            live.summary["parameters"] = model.count_params()
+            replay(live, state.history)
+            logging = [DVCLiveCallback(live=live), EpochProgress(spec.name, spec.epochs, state.epoch_seconds)]
+        model.fit(batches, steps_per_epoch=batches.steps_per_epoch, epochs=spec.epochs,
+                  initial_epoch=len(state.history), shuffle=False, validation_data=validation_data, verbose=0,
+                  callbacks=[StopOnDivergence(spec.name), *logging, Checkpoint(checkpoint, state)])
 
 
 def write_results(model: keras.Model, state: TrainingState, spec: VariantSpec, summary_lines: list[str],
@@ -158,22 +163,33 @@ def write_results(model: keras.Model, state: TrainingState, spec: VariantSpec, s
         tmp.write_text("\n".join(summary_lines) + "\n")
 
 
-def train(spec: VariantSpec, data: dict) -> None:
-    """Fit the variant, resuming an interrupted run, and write its model, summary and history."""
+def train(spec: VariantSpec, data: dict, process: int = 0, processes: int = 1) -> None:
+    """Fit the variant, resuming an interrupted run, and write its model, summary and history
+    (process 0 of a job of several processes writes them)."""
     spec, devices, record = on_this_machine(spec)
     (x_fit, y_fit), validation_data = split_validation(data, spec.validation, spec.seed)
+    check_even_split(spec.name, spec.batch_size, len(x_fit), max(len(devices), 1))
     expected = fingerprint(spec, [x_fit, y_fit, *validation_data])
     steps_per_epoch = math.ceil(len(x_fit) / spec.batch_size)
+    checkpoint = checkpoint_dir(spec.name, process)
     with distribution(devices):
-        model, state, summary_lines = built_or_resumed(spec, x_fit, y_fit.shape[1], steps_per_epoch, expected)
-        # A diverged or interrupted run must not leave a history that looks like a result;
-        # its checkpoint stays for the next run to resume from.
-        outputs = (live_dir(spec.name), model_path(spec.name), timing_path(spec.name), summary_path(spec.name))
-        with all_or_nothing(*outputs):
-            fit(model, state, spec, x_fit, y_fit, validation_data, steps_per_epoch)
-            write_results(model, state, spec, summary_lines, record)
-    shutil.rmtree(checkpoint_dir(spec.name))
-    print(f"wrote {model_path(spec.name)} ({model.count_params():,} parameters)")
+        model, state, summary_lines = built_or_resumed(spec, x_fit, y_fit.shape[1], steps_per_epoch, expected,
+                                                       checkpoint)
+        batches = TrainingBatches(x_fit, y_fit, spec, len(state.history), process, processes)
+        if process == 0:
+            # A diverged or interrupted run must not leave a history that looks like a result;
+            # its checkpoint stays for the next run to resume from.
+            outputs = (live_dir(spec.name), model_path(spec.name), timing_path(spec.name), summary_path(spec.name))
+            with all_or_nothing(*outputs):
+                fit(model, state, batches, validation_data, checkpoint, logged=True)
+                write_results(model, state, spec, summary_lines, record)
+        else:  # every process sees the whole validation split: the metrics are the same
+            fit(model, state, batches, validation_data, checkpoint, logged=False)
+            # Saving a model creates variables, which the processes of a job create together.
+            save_model(model, checkpoint / "model.keras")
+    shutil.rmtree(checkpoint)
+    if process == 0:
+        print(f"wrote {model_path(spec.name)} ({model.count_params():,} parameters)")
 
 
 def main(argv: list[str]) -> None:
@@ -181,7 +197,9 @@ def main(argv: list[str]) -> None:
         raise StageError("usage: python -m resnet_cifar.train <variant>")
     params = load_params()
     check_backend(backend(params))
-    train(variant_spec(params, argv[0]), load_prepared())
+    spec = variant_spec(params, argv[0])
+    process, processes = join_processes()
+    train(spec, load_prepared(), process, processes)
 
 
 if __name__ == "__main__":
