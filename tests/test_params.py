@@ -225,10 +225,10 @@ def test_max_epochs_caps_every_variant_and_shortens_its_warmup_and_decay():
     params["train"]["max_epochs"] = 2
     capped = {name: variant_spec(params, name) for name in variant_names(params)}
     assert {name: spec.epochs for name, spec in capped.items()} == dict.fromkeys(params["variants"], 2)
-    # tuned warms up for 3 of its 30 epochs: capped at 2, it warms up for 1, then decays to 0 by the end
+    # tuned warms up for 3 of its 150 epochs: capped at 2, it warms up for 1, then decays to 0 by the end
     assert (capped["tuned"].warmup_epochs, capped["tuned"].schedule) == (1, "cosine")
-    params["train"]["max_epochs"] = 50  # above some variants' epochs: those keep their own
-    assert variant_spec(params, "tuned").epochs == 30 and variant_spec(params, "baseline").epochs == 50
+    params["train"]["max_epochs"] = 120  # above some variants' epochs: those keep their own
+    assert variant_spec(params, "tuned").epochs == 120 and variant_spec(params, "baseline").epochs == 100
 
 
 def test_unknown_variant_lists_the_known_ones():
