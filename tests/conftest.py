@@ -97,3 +97,22 @@ def interrupt_at(command: list[str], line_start: str, sig: int = signal.SIGKILL,
     os.killpg(process.pid, sig)
     printed.append(process.communicate(timeout=60)[0])
     return subprocess.CompletedProcess(command, process.returncode, "".join(printed))
+
+
+def process_status(pid: int) -> tuple[str, int] | None:
+    """(state, parent) of a process, from Linux's /proc; None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def running(pid: int) -> bool:
+    status = process_status(pid)
+    return status is not None and status[0] not in "ZX"  # an ended child its new parent has not reaped
+
+
+def children(pid: int) -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir()
+            if entry.name.isdigit() and (process_status(int(entry.name)) or ("", 0))[1] == pid]

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from cifar_archives import make_archive
-from conftest import TINY_CONV, interrupt_at, tiny_params
+from conftest import TINY_CONV, interrupt_at, running, tiny_params
 
 PROJECT = Path(__file__).resolve().parents[1]
 TINY_PARAMS = tiny_params()
@@ -265,3 +265,36 @@ def test_dvc_repro_resumes_a_killed_training_stage(repo):
     for resumed_weights, reference in zip(keras.models.load_model(repo / "models/conv.keras", compile=False).get_weights(),
                                           committed):
         np.testing.assert_array_equal(resumed_weights, reference)
+
+
+@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])  # dash runs the stage as its child; bash as itself
+def test_a_stage_ends_with_the_dvc_that_started_it_and_leaves_what_git_tracks(repo, shell):
+    """SIGTERM to `dvc repro` alone, as `timeout` sends it (DVC passes nothing on to its stage): the
+    train stage stops within seconds, removing its outputs but no file that git tracks."""
+    params_file = repo / "params.yaml"
+    committed = params_file.read_text()
+    params = yaml.safe_load(committed)
+    params["variants"]["small"]["epochs"] = 10_000
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        dvc = subprocess.Popen(["dvc", "repro", "train@small"], cwd=repo, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=os.environ | {"SHELL": shell})
+        for line in dvc.stdout:
+            if line.startswith("[small] epoch 2/10000"):
+                break
+        stages = [pid for pid in os.listdir("/proc") if pid.isdigit() and "resnet_cifar.train\0small" in
+                  Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
+        assert len(stages) == 1
+        dvc.terminate()
+        dvc.communicate(timeout=30)
+        deadline = time.monotonic() + 10
+        while running(int(stages[0])) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not running(int(stages[0]))
+        changed = sh(repo, "git", "status", "--porcelain").splitlines()  # the files the run was meant to change
+        assert " M params.yaml" in changed and set(changed) <= {" M params.yaml", " M dvc.lock"}, changed
+        assert not (repo / "models/small.keras").exists()
+    finally:
+        params_file.write_text(committed)
+        shutil.rmtree(repo / ".dvc/tmp/checkpoints/small", ignore_errors=True)
+        sh(repo, "dvc", "checkout", "-q", "train@small")

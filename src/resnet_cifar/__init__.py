@@ -58,5 +58,7 @@ def _use_configured_backend() -> None:
 
 
 if sys.argv[:1] == ["-m"]:
+    from resnet_cifar.stage import listen_for_stop_requests
+    listen_for_stop_requests()  # before the imports of seconds (TensorFlow): a Ctrl-C then still ends cleanly
     _filter_stderr(TENSORFLOW_NOISE)
     _use_configured_backend()

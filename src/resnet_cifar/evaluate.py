@@ -20,8 +20,9 @@ from resnet_cifar import models  # noqa: F401 (registers the custom layers a sav
 from resnet_cifar.params import backend, load_params, variant_spec
 from resnet_cifar.paths import confusion_path, evaluate_path, model_path, timing_path
 from resnet_cifar.datasets import load_prepared
+from resnet_cifar.progress import Boundaries
 from resnet_cifar.runtime import check_backend, quiet_graph_optimizer
-from resnet_cifar.stage import StageError, all_or_nothing, atomic_path, run
+from resnet_cifar.stage import StageError, all_or_nothing, atomic_path, interrupts_at_boundaries, run
 
 BATCH_SIZE = 1024
 
@@ -51,31 +52,35 @@ def cross_entropy(labels: np.ndarray, probabilities: np.ndarray) -> float:
     return float(np.mean(-np.sum(labels * np.log(clipped), axis=1)))
 
 
-def predict(model: keras.Model, images: np.ndarray, tta: bool | str) -> np.ndarray:
+def predict(model: keras.Model, images: np.ndarray, tta: bool | str, callbacks: tuple = ()) -> np.ndarray:
     """Class probabilities; with `tta` true, the mean of those of the image and its mirror image;
     with "shifts", half that mean and half the same mean for the image shifted by one pixel
-    diagonally either way (mirror-padded): airbench's six views."""
-    probabilities = model.predict(images, batch_size=BATCH_SIZE, verbose=0)
+    diagonally either way (mirror-padded): airbench's six views. `callbacks` see every batch."""
+    def view(images: np.ndarray) -> np.ndarray:
+        return model.predict(images, batch_size=BATCH_SIZE, verbose=0, callbacks=list(callbacks))
+
+    probabilities = view(images)
     if not tta:
         return probabilities
-    probabilities = (probabilities + model.predict(images[:, :, ::-1], batch_size=BATCH_SIZE, verbose=0)) / 2
+    probabilities = (probabilities + view(images[:, :, ::-1])) / 2
     if tta != "shifts":
         return probabilities
     padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
     height, width = images.shape[1:3]
     shifted = [padded[:, :height, :width], padded[:, 2:, 2:]]
-    return (probabilities + sum(predict(model, view, True) for view in shifted) / 2) / 2
+    return (probabilities + sum(predict(model, view, True, callbacks) for view in shifted) / 2) / 2
 
 
-def evaluate(model: keras.Model, data: dict, tta: bool = False) -> tuple[dict, np.ndarray, np.ndarray]:
-    """The metrics, with the test set's true and predicted class ids."""
+def evaluate(model: keras.Model, data: dict, tta: bool = False,
+             callbacks: tuple = ()) -> tuple[dict, np.ndarray, np.ndarray]:
+    """The metrics, with the test set's true and predicted class ids; `callbacks` see every batch."""
     # The assignment's loss (model.evaluate's): cross-entropy plus the L2 penalty of regularized
     # variants; without the label smoothing a variant may train with, so all stay comparable.
     penalty = sum(float(loss) for loss in model.losses)
     metrics = {}
     for split in ("train", "test"):
         labels = data[f"y_{split}"]
-        probabilities = predict(model, data[f"x_{split}"], tta)
+        probabilities = predict(model, data[f"x_{split}"], tta, callbacks)
         loss = cross_entropy(labels, probabilities) + penalty
         accuracy = float(np.mean(np.argmax(probabilities, axis=1) == np.argmax(labels, axis=1)))
         metrics[split] = {"loss": round(loss, 4), "accuracy": round(accuracy, 4)}
@@ -108,7 +113,9 @@ def main(argv: list[str]) -> None:
     variant = spec.name
     data = load_prepared()
     quiet_graph_optimizer()
-    metrics, true_ids, predicted_ids = evaluate(load_trained(model_path(variant)), data, spec.tta)
+    with interrupts_at_boundaries():
+        metrics, true_ids, predicted_ids = evaluate(load_trained(model_path(variant)), data, spec.tta,
+                                                    (Boundaries(variant, BATCH_SIZE),))
     # The train stage's outputs live in the DVC cache (a remote restores them without retraining);
     # its times, and what it ran on, join the results kept in git, for `dvc metrics diff` in pull requests.
     timing = json.loads(timing_path(variant).read_text())

@@ -32,6 +32,11 @@ def live_dir(variant: str) -> Path:
     return VARIANTS_DIR / variant / "train"
 
 
+def live_outputs(variant: str) -> tuple[Path, Path]:
+    """What DVCLive writes in the variant's live_dir (beside DVC's .gitignore, which git tracks)."""
+    return live_dir(variant) / "metrics.json", live_dir(variant) / "plots"
+
+
 def timing_path(variant: str) -> Path:
     return VARIANTS_DIR / variant / "train_time.json"
 

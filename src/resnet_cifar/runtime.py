@@ -23,6 +23,7 @@ import importlib
 import importlib.util
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -35,6 +36,7 @@ CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # float16: Keras adds loss scaling
 POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 # Keras's description of a job of several processes (read by keras.distribution.initialize)
+CALL_SECONDS = 1.0  # the training steps of one call into the backend (steps_per_call)
 JOB_ENV = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES", "KERAS_DISTRIBUTION_PROCESS_ID")
 BACKEND = keras.backend.backend()
 if BACKEND == "tensorflow":
@@ -194,10 +196,18 @@ def check_even_split(variant: str, batch_size: int, images: int, devices: int) -
                          f"{devices} devices; choose one that does")
 
 
-def steps_per_call(steps_per_epoch: int) -> int:
-    """A whole epoch per call of the training function, which takes Python out of its steps on
-    TensorFlow; one under several TensorFlow replicas (Keras 3 fails otherwise: keras-team/keras#19246)."""
-    return 1 if BACKEND == "tensorflow" and replica_count() > 1 else steps_per_epoch
+def steps_per_call(steps_per_epoch: int, step_seconds: Callable[[], float]) -> int:
+    """Steps per call of the training function: at most CALL_SECONDS' worth by `step_seconds()`,
+    which keeps Python's per-call overhead small and brings a boundary (a stop request, the
+    progress line: progress.py) that often. One on several devices (Keras 3 fails otherwise under
+    TensorFlow's replicas: keras-team/keras#19246; on JAX a prediction before `fit` would drop the
+    sharded state) and in a job of several processes (whose calls must match)."""
+    if process_count() > 1 or replica_count() > 1:
+        return 1
+    most = max(1, min(steps_per_epoch, int(CALL_SECONDS / step_seconds())))
+    # A divisor of the epoch's steps: Keras's last call of an epoch would otherwise run on into
+    # the next epoch's batches.
+    return max(steps for steps in range(1, most + 1) if steps_per_epoch % steps == 0)
 
 
 def synchronized_norm() -> bool:

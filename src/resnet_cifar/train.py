@@ -24,7 +24,6 @@ from pathlib import Path
 import keras
 import numpy as np
 from dvclive import Live
-from dvclive.keras import DVCLiveCallback
 from dvclive.utils import standardize_metric_name
 
 from resnet_cifar.batches import TrainingBatches, split_validation
@@ -33,11 +32,12 @@ from resnet_cifar.datasets import load_prepared
 from resnet_cifar.models import build_model
 from resnet_cifar.optimizers import norm_weight_paths, optimizer
 from resnet_cifar.params import NETWORK, VariantSpec, backend, load_params, variant_spec
-from resnet_cifar.paths import checkpoint_dir, live_dir, model_path, summary_path, timing_path
+from resnet_cifar.paths import checkpoint_dir, live_dir, live_outputs, model_path, summary_path, timing_path
+from resnet_cifar.progress import Boundaries
 from resnet_cifar.runtime import (POLICIES, check_backend, check_even_split, distribution, join_processes,
                                   quiet_graph_optimizer, replicas, resolve_precision, run_record, seed_everything,
                                   steps_per_call, use_devices)
-from resnet_cifar.stage import StageError, all_or_nothing, atomic_path, run
+from resnet_cifar.stage import StageError, all_or_nothing, atomic_path, interrupts_at_boundaries, run
 
 
 class EpochProgress(keras.callbacks.Callback):
@@ -56,6 +56,20 @@ class EpochProgress(keras.callbacks.Callback):
         values = "  ".join(f"{name} {value:.4f}" for name, value in (logs or {}).items())
         print(f"[{self.variant}] epoch {epoch + 1}/{self.epochs}  {values}  "
               f"{self.epoch_seconds[-1]:.1f}s  ~{left / 60:.1f} min left", flush=True)
+
+
+class LiveMetrics(keras.callbacks.Callback):
+    """Each epoch's metrics to DVCLive, under the names DVCLive's own Keras callback gives them
+    (train/accuracy, eval/loss, ...), without the TensorFlow that callback imports."""
+
+    def __init__(self, live: Live):
+        super().__init__()
+        self.live = live
+
+    def on_epoch_end(self, epoch, logs=None):
+        for name, value in (logs or {}).items():
+            self.live.log_metric(standardize_metric_name(name, "dvclive.keras"), value)
+        self.live.next_step()
 
 
 class StopOnDivergence(keras.callbacks.Callback):
@@ -78,8 +92,7 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def compiled_model(spec: VariantSpec, x_fit: np.ndarray, num_classes: int, steps_per_epoch: int) -> keras.Model:
-    """The variant's network, compiled to run as many steps per call as the backend allows
-    (runtime.steps_per_call). Call it in the scope of the distribution that trains it."""
+    """The variant's network, compiled. Call it in the scope of the distribution that trains it."""
     keras.mixed_precision.set_global_policy(POLICIES[spec.precision])
     model = build_model(num_classes=num_classes, input_shape=x_fit.shape[1:], name=spec.name,
                         input_stats=channel_stats(x_fit) if spec.standardize else None, training_images=x_fit,
@@ -88,17 +101,24 @@ def compiled_model(spec: VariantSpec, x_fit: np.ndarray, num_classes: int, steps
         optimizer=optimizer(spec, steps_per_epoch, norm_weight_paths(model)),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing),
         metrics=["accuracy"],
-        steps_per_execution=steps_per_call(steps_per_epoch),
     )
     return model
 
 
+def pace(model: keras.Model, steps: int) -> None:
+    """Run `steps` training (and validation) steps per call into the backend; the same numbers
+    come out whatever the pace (tests/test_progress.py)."""
+    if model.steps_per_execution != steps:
+        model.steps_per_execution = steps
+        model.make_train_function(force=True)
+        model.make_test_function(force=True)
+
+
 def replay(live: Live, history: list[dict]) -> None:
-    """Log the epochs done before an interruption again, as DVCLiveCallback logged them."""
-    for logs in history:
-        for name, value in logs.items():
-            live.log_metric(standardize_metric_name(name, "dvclive.keras"), value)
-        live.next_step()
+    """Log the epochs done before an interruption again, as they were logged then."""
+    logger = LiveMetrics(live)
+    for epoch, logs in enumerate(history):
+        logger.on_epoch_end(epoch, logs)
 
 
 def on_this_machine(spec: VariantSpec) -> tuple[VariantSpec, list[str], dict]:
@@ -132,20 +152,33 @@ def built_or_resumed(spec: VariantSpec, x_fit: np.ndarray, num_classes: int, ste
     return model, state, summary_lines
 
 
-def fit(model: keras.Model, state: TrainingState, batches: TrainingBatches, validation_data: tuple,
-        checkpoint: Path, logged: bool) -> None:
-    """Train the epochs not yet in `state`, checkpointing each, and logging each with DVCLive
-    where `logged` (process 0 of a job; the others train alongside it)."""
-    spec = batches.spec
-    with Live(str(live_dir(spec.name)), dvcyaml=None, save_dvc_exp=False) if logged else contextlib.nullcontext() as live:
-        logging = []
+def step_seconds(model: keras.Model, batches: TrainingBatches) -> float:
+    """About the seconds of one training step: three times a forward pass over the first batch
+    (the backward pass takes about twice the forward's time), timed after the call that traces it.
+    Predicting changes no weight and draws no random number."""
+    images = batches[0][0]
+    model.predict_on_batch(images)
+    started = time.perf_counter()
+    model.predict_on_batch(images)
+    return 3 * (time.perf_counter() - started)
+
+
+def fit(model: keras.Model, state: TrainingState, spec: VariantSpec, batches: TrainingBatches,
+        validation_data: tuple, checkpoint: Path, logged: bool) -> None:
+    """Train the epochs not yet in `state`, about a second per call into the backend
+    (runtime.steps_per_call), checkpointing each epoch, and logging each with DVCLive where
+    `logged` (process 0 of a job; the others train alongside it)."""
+    pace(model, steps_per_call(batches.steps_per_epoch, lambda: step_seconds(model, batches)))
+    with (Live(str(live_dir(spec.name)), dvcyaml=None, save_dvc_exp=False) if logged else contextlib.nullcontext()
+          as live, interrupts_at_boundaries()):
+        callbacks = [StopOnDivergence(spec.name), Boundaries(spec.name, spec.batch_size)]
         if live:
             live.summary["parameters"] = model.count_params()
             replay(live, state.history)
-            logging = [DVCLiveCallback(live=live), EpochProgress(spec.name, spec.epochs, state.epoch_seconds)]
+            callbacks += [LiveMetrics(live), EpochProgress(spec.name, spec.epochs, state.epoch_seconds)]
         model.fit(batches, steps_per_epoch=batches.steps_per_epoch, epochs=spec.epochs,
                   initial_epoch=len(state.history), shuffle=False, validation_data=validation_data, verbose=0,
-                  callbacks=[StopOnDivergence(spec.name), *logging, Checkpoint(checkpoint, state)])
+                  callbacks=[*callbacks, Checkpoint(checkpoint, state)])
 
 
 def write_results(model: keras.Model, state: TrainingState, spec: VariantSpec, summary_lines: list[str],
@@ -179,12 +212,12 @@ def train(spec: VariantSpec, data: dict, process: int = 0, processes: int = 1) -
         if process == 0:
             # A diverged or interrupted run must not leave a history that looks like a result;
             # its checkpoint stays for the next run to resume from.
-            outputs = (live_dir(spec.name), model_path(spec.name), timing_path(spec.name), summary_path(spec.name))
+            outputs = (*live_outputs(spec.name), model_path(spec.name), timing_path(spec.name), summary_path(spec.name))
             with all_or_nothing(*outputs):
-                fit(model, state, batches, validation_data, checkpoint, logged=True)
+                fit(model, state, spec, batches, validation_data, checkpoint, logged=True)
                 write_results(model, state, spec, summary_lines, record)
         else:  # every process sees the whole validation split: the metrics are the same
-            fit(model, state, batches, validation_data, checkpoint, logged=False)
+            fit(model, state, spec, batches, validation_data, checkpoint, logged=False)
             # Saving a model creates variables, which the processes of a job create together.
             save_model(model, checkpoint / "model.keras")
     shutil.rmtree(checkpoint)
