@@ -47,7 +47,7 @@ import numpy as np
 from resnet_cifar import runtime, train
 from resnet_cifar.batches import TrainingBatches
 from resnet_cifar.datasets import load_prepared
-from resnet_cifar.models import build_model
+from resnet_cifar.models import Network, build_model
 from resnet_cifar.params import BACKENDS, VariantSpec, load_params, variant_spec
 from resnet_cifar.paths import PREPARED_DIR
 
@@ -77,8 +77,7 @@ def training_data() -> tuple[np.ndarray, np.ndarray, str]:
 def assignment_path(x: np.ndarray, y: np.ndarray, spec: VariantSpec) -> list[float]:
     # No keras.utils.set_random_seed here: once it is called, model.fit(shuffle=True) replays one
     # batch order in every epoch, which the assignment's notebook (NumPy seeded only) did not.
-    keras.mixed_precision.set_global_policy("float32")
-    model = build_model(spec.widths, num_classes=10)
+    model = build_model(Network.of(spec), 10, x, spec.name)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-4),
                   loss="categorical_crossentropy", metrics=["accuracy"])
     timer = EpochTimer()
@@ -92,15 +91,16 @@ def train_stage_path(x: np.ndarray, y: np.ndarray, spec: VariantSpec, steps_per_
     train.fit); steps_per_call fixes the pace and xla recompiles the model, to measure those
     levers; `batches` replaces the input pipeline."""
     steps_per_epoch = math.ceil(len(x) / spec.batch_size)
-    model = train.compiled_model(spec, x, y.shape[1], steps_per_epoch)
-    if xla:
-        model.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"], jit_compile=True)
-    stage_batches = TrainingBatches(x, y, spec, first_epoch=0)
-    train.pace(model, steps_per_call or runtime.steps_per_call(
-        steps_per_epoch, lambda: train.step_seconds(model, stage_batches)))
-    timer = EpochTimer()
-    model.fit(stage_batches if batches is None else batches, steps_per_epoch=steps_per_epoch,
-              epochs=spec.epochs, shuffle=False, verbose=0, callbacks=[timer])
+    with runtime.precision_policy(spec.precision):
+        model = train.compiled_model(spec, x, y.shape[1], steps_per_epoch)
+        if xla:
+            model.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"], jit_compile=True)
+        stage_batches = TrainingBatches(x, y, spec, first_epoch=0)
+        train.pace(model, steps_per_call or runtime.steps_per_call(
+            steps_per_epoch, lambda: train.step_seconds(model, stage_batches), replicas=1))
+        timer = EpochTimer()
+        model.fit(stage_batches if batches is None else batches, steps_per_epoch=steps_per_epoch,
+                  epochs=spec.epochs, shuffle=False, verbose=0, callbacks=[timer])
     return timer.seconds
 
 
@@ -232,7 +232,7 @@ def main() -> None:
     stage_spec = dataclasses.replace(baseline, epochs=args.epochs,
                                      precision=runtime.resolve_precision(baseline.precision))
     x, y, source = training_data()
-    flops_per_epoch = 6 * build_model(baseline.widths, num_classes=10).count_params() * len(x)
+    flops_per_epoch = 6 * build_model(Network.of(baseline), 10, x, baseline.name).count_params() * len(x)
     print(f"baseline model, batch {baseline.batch_size}, {len(x):,} images from {source}, "
           f"{args.epochs} epochs per path")
 
@@ -241,7 +241,7 @@ def main() -> None:
     if args.levers:
         float32_spec = dataclasses.replace(stage_spec, precision="float32")
         paths |= {"(b) in float32": lambda: train_stage_path(x, y, float32_spec),
-                  "(b) with one epoch per call": lambda: train_stage_path(x, y, stage_spec, 
+                  "(b) with one epoch per call": lambda: train_stage_path(x, y, stage_spec,
                       steps_per_call=math.ceil(len(x) / stage_spec.batch_size)),
                   "(b) with one step per call": lambda: train_stage_path(x, y, stage_spec, steps_per_call=1),
                   "(b) with XLA": lambda: train_stage_path(x, y, stage_spec, xla=True),

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import TINY_PARAMS
+from support import TINY_PARAMS
 from resnet_cifar import augment, train
 from resnet_cifar.batches import TrainingBatches
 from resnet_cifar.params import variant_spec

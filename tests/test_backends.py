@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import TINY_CONV, setup_project
+from support import TINY_CONV, setup_project
 from resnet_cifar import datasets, models, paths, prepare  # models: registers the custom layers to load
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import TINY_CONV, interrupt_at, setup_project
+from support import TINY_CONV, interrupt_at, setup_project
 from resnet_cifar import paths, prepare
 
 EPOCHS = 3

@@ -2,7 +2,6 @@
 started a stage each end it within seconds, with exit code 130, no output and a checkpoint the next
 run resumes from, bit-identically."""
 
-import os
 import random
 import re
 import signal
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import children, running, setup_project
+from support import children, running, setup_project
 from resnet_cifar import paths, prepare
 
 STOP_LIMIT_SECONDS = 10
@@ -42,13 +41,20 @@ def start(command: list[str], **kwargs) -> subprocess.Popen:
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
 
 
-def lines_until(process: subprocess.Popen, line_start: str) -> list[str]:
+def lines_until(process: subprocess.Popen, pattern: str) -> list[str]:
+    """What the process prints up to the first line that starts with a match of `pattern`."""
     printed = []
     for line in process.stdout:
         printed.append(line)
-        if line.startswith(line_start):
+        if re.match(pattern, line):
             return printed
-    raise AssertionError(f"ended without printing {line_start!r}:\n{''.join(printed)}")
+    raise AssertionError(f"ended without printing {pattern!r}:\n{''.join(printed)}")
+
+
+def epoch_ended(variant: str, epoch: int) -> str:
+    """The line train prints at the end of an epoch (not the progress lines within it), with the
+    epoch's seconds as group 1."""
+    return rf"\[{variant}\] epoch {epoch}/\d+  .* ([\d.]+)s  ~"
 
 
 def stop(process: subprocess.Popen, sig: int) -> tuple[float, str]:
@@ -89,7 +95,7 @@ def test_twenty_interrupts_at_random_moments_stop_in_seconds_and_resume_bit_iden
     project(tmp_path / "reference", monkeypatch, {"short": SHORT}, n_train=SHORT_IMAGES)
     started = time.perf_counter()
     reference_run = start(train_command("short"))
-    lines_until(reference_run, "[short] epoch 1/")
+    lines_until(reference_run, epoch_ended("short", 1))
     first_epoch_done = time.perf_counter() - started  # the start-up, tracing and one epoch
     assert reference_run.wait(timeout=300) == 0
     reference = keras.models.load_model(paths.model_path("short"), compile=False).get_weights()
@@ -121,7 +127,7 @@ def test_twenty_interrupts_at_random_moments_stop_in_seconds_and_resume_bit_iden
 
     project(tmp_path / "long", monkeypatch, {"long": LONG}, n_train=LONG_IMAGES)
     process = start(train_command("long"))
-    epoch_seconds = float(re.search(r"([\d.]+)s  ~", lines_until(process, "[long] epoch 1/2")[-1])[1])
+    epoch_seconds = float(re.match(epoch_ended("long", 1), lines_until(process, epoch_ended("long", 1))[-1])[1])
     stop(process, signal.SIGTERM)
     assert checkpointed_epochs("long") == 1 and epoch_seconds > STOP_LIMIT_SECONDS
     for attempt in range(LONG_INTERRUPTS):
@@ -129,7 +135,7 @@ def test_twenty_interrupts_at_random_moments_stop_in_seconds_and_resume_bit_iden
         print(f"interrupt {SHORT_INTERRUPTS + attempt + 1}, in a {epoch_seconds:.0f} s epoch: "
               f"{signal.Signals(sig).name} {delay:.2f} s into it")
         process = start(train_command("long"))
-        lines_until(process, "[long] resuming after epoch 1")
+        lines_until(process, r"\[long\] resuming after epoch 1")
         time.sleep(delay)
         seconds, output = stop(process, sig)
         stopped_in.append(seconds)
@@ -142,7 +148,7 @@ def test_twenty_interrupts_at_random_moments_stop_in_seconds_and_resume_bit_iden
 def test_a_second_request_ends_the_stage_at_once(tmp_path, monkeypatch):
     project(tmp_path / "project", monkeypatch, {"long": LONG}, n_train=LONG_IMAGES)
     process = start(train_command("long"))
-    lines_until(process, "[long] training in")
+    lines_until(process, r"\[long\] training in")
     time.sleep(3)
     process.send_signal(signal.SIGTERM)
     seconds, output = stop(process, signal.SIGINT)
@@ -156,7 +162,7 @@ def test_a_stage_stops_when_the_process_that_started_it_ends(tmp_path, monkeypat
     project(tmp_path / "project", monkeypatch, {"long": LONG}, n_train=LONG_IMAGES)
     starter = start([sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])",
                      *train_command("long")])
-    lines_until(starter, "[long] training in")
+    lines_until(starter, r"\[long\] training in")
     [stage] = children(starter.pid)
     starter.kill()
     starter.communicate(timeout=10)

@@ -4,7 +4,10 @@ import keras
 import numpy as np
 import pytest
 
-from resnet_cifar.models import ConvStyle, PartialDirac, build_model, conv_block, prenorm_block, residual_block, whitening_kernel
+from resnet_cifar.models import (NO_NORM, ConvStyle, Norm, PartialDirac, channel_stats, conv_block, prenorm_block,
+                                 residual_block, whitening_kernel)
+from resnet_cifar.runtime import precision_policy
+from support import built
 
 
 def relu(x):
@@ -12,13 +15,13 @@ def relu(x):
 
 
 def test_baseline_has_the_assignments_parameter_count():
-    assert build_model([256, 128], num_classes=10).count_params() == 985_482
+    assert built([256, 128], 10).count_params() == 985_482
 
 
 def test_deeper_variant_parameter_count():
     # 3072*512+512 + 2*(512*512+512) + 512*512+512 + 2*(512*512+512) + 512*256+256
     # + 2*(256*256+256) + 256*128+128 + 2*(128*128+128) + 128*10+10
-    assert build_model([512, 512, 256, 128], num_classes=10).count_params() == 3_216_778
+    assert built([512, 512, 256, 128], 10).count_params() == 3_216_778
 
 
 def test_block_matches_the_assignments_equations():
@@ -48,7 +51,7 @@ def test_block_runs_on_a_concrete_array_like_exercise_2():
 
 
 def test_layer_order_follows_the_architecture():
-    model = build_model([8, 4], num_classes=3, input_shape=(2, 2, 3), dropout=0.5, l2=[0.1, 0.2])
+    model = built([8, 4], 3, input_shape=(2, 2, 3), dropout=0.5, l2=[0.1, 0.2])
     names = [layer.name for layer in model.layers]
     assert names == [
         "image", "flatten",
@@ -66,14 +69,14 @@ def test_layer_order_follows_the_architecture():
 
 
 def test_l2_penalty_enters_the_loss():
-    model = build_model([4], num_classes=2, input_shape=(3,), l2=[0.5])
+    model = built([4], 2, input_shape=(3,), l2=[0.5])
     kernel = model.get_layer("stage1_dense").kernel.numpy()
     (penalty,) = [float(loss) for loss in model.losses]
     assert penalty == pytest.approx(0.5 * np.sum(kernel**2), rel=1e-5)
 
 
 def test_without_dropout_or_l2_no_such_layers():
-    model = build_model([4], num_classes=2, input_shape=(3,))
+    model = built([4], 2, input_shape=(3,))
     assert not any(isinstance(layer, keras.layers.Dropout) for layer in model.layers)
     assert model.losses == []
 
@@ -90,7 +93,7 @@ def layer_norm(x, gamma, beta, epsilon=1e-3):
 
 def test_prenorm_block_keeps_the_residual_path_linear():
     inputs = keras.Input(shape=(6,))
-    block = keras.Model(inputs, prenorm_block(inputs, 6, hidden=12, activation="gelu", norm="layer", name="b"))
+    block = keras.Model(inputs, prenorm_block(inputs, 6, hidden=12, activation="gelu", norm=Norm("layer", 0.99, True), name="b"))
     rng = np.random.default_rng(0)
     x = rng.normal(size=(4, 6)).astype(np.float32)
     norm = block.get_layer("b_norm")
@@ -104,18 +107,18 @@ def test_prenorm_block_keeps_the_residual_path_linear():
 
 def test_blocks_expansion_and_norm_parameter_counts():
     # Flatten 12 -> Dense 8 (104); each block 8->16->8 (144 + 136); classifier 8->3 (27).
-    assert build_model([8], 3, input_shape=(2, 2, 3), blocks=2, expansion=2).count_params() == 104 + 2 * 280 + 27
+    assert built([8], 3, input_shape=(2, 2, 3), blocks=2, expansion=2).count_params() == 104 + 2 * 280 + 27
     # Pre-norm with layer norm: gamma and beta (16) before each block and before the classifier.
-    prenorm = build_model([8], 3, input_shape=(2, 2, 3), blocks=2, expansion=2, norm="layer", prenorm=True)
+    prenorm = built([8], 3, input_shape=(2, 2, 3), blocks=2, expansion=2, norm="layer", prenorm=True)
     assert prenorm.count_params() == 104 + 2 * (280 + 16) + 16 + 27
     # Post-norm batch norm: 4 x units (gamma, beta, moving mean and variance) after each Dense;
     # one block 8->8->8 (72 + 72).
-    postnorm = build_model([8], 3, input_shape=(2, 2, 3), norm="batch")
+    postnorm = built([8], 3, input_shape=(2, 2, 3), norm="batch")
     assert postnorm.count_params() == 104 + 32 + 72 + 32 + 72 + 32 + 27
 
 
 def test_postnorm_layer_order():
-    model = build_model([8], 3, input_shape=(2, 2, 3), blocks=2, activation="gelu", norm="layer")
+    model = built([8], 3, input_shape=(2, 2, 3), blocks=2, activation="gelu", norm="layer")
     assert [layer.name for layer in model.layers] == [
         "image", "flatten", "stage1_dense", "stage1_dense_norm", "stage1_dense_act",
         "stage1_block1_dense1", "stage1_block1_dense1_norm", "stage1_block1_dense1_act",
@@ -128,11 +131,9 @@ def test_postnorm_layer_order():
 
 
 def test_mixed_precision_computes_in_bfloat16_and_outputs_float32():
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
-        model = build_model([8], 3, input_shape=(2, 2, 3))
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
+    with precision_policy("bfloat16"):
+        model = built([8], 3, input_shape=(2, 2, 3))
+    assert keras.mixed_precision.dtype_policy().name == "float32"  # as before the block
     assert model.get_layer("stage1_dense").compute_dtype == "bfloat16"
     assert model.get_layer("stage1_dense").kernel.dtype == "float32"  # weights stay float32
     assert model(np.ones((1, 2, 2, 3), np.float32)).dtype == "float32"
@@ -140,8 +141,8 @@ def test_mixed_precision_computes_in_bfloat16_and_outputs_float32():
 
 def resnet(blocks_per_stage: int, **kwargs) -> keras.Model:
     """He et al.'s CIFAR ResNet-(6n+2): a 16-filter stem, three stages of 16, 32 and 64 filters."""
-    return build_model([16, 32, 64], 10, arch="conv", blocks=blocks_per_stage, stem=16, downsample="stride",
-                       norm="batch", **kwargs)
+    return built([16, 32, 64], 10, arch="conv", blocks=blocks_per_stage, stem=16, downsample="stride",
+                 norm="batch", **kwargs)
 
 
 def trainable(model: keras.Model) -> int:
@@ -181,7 +182,7 @@ def conv2d_same(x: np.ndarray, kernel: np.ndarray, stride: int = 1) -> np.ndarra
 @pytest.mark.parametrize("filters, strides", [(3, 1), (5, 2)], ids=["identity", "projection"])
 def test_conv_block_computes_he_et_als_equations(filters, strides):
     inputs = keras.Input(shape=(4, 4, 3))
-    block = keras.Model(inputs, conv_block(inputs, filters, strides, ConvStyle(norm="none"), name="b"))
+    block = keras.Model(inputs, conv_block(inputs, filters, strides, ConvStyle("relu", NO_NORM, "he"), name="b"))
     x = np.random.default_rng(0).normal(size=(2, 4, 4, 3)).astype(np.float32)
     (w1,), (w2,) = block.get_layer("b_conv1").get_weights(), block.get_layer("b_conv2").get_weights()
     h = conv2d_same(relu(conv2d_same(x, w1, strides)), w2)
@@ -198,7 +199,7 @@ def test_conv_block_computes_he_et_als_equations(filters, strides):
 
 
 def test_pool_downsampling_builds_pages_resnet9_shape():
-    model = build_model([32, 64, 128], 10, arch="conv", blocks=[1, 0, 1], stem=16, downsample="pool", norm="batch")
+    model = built([32, 64, 128], 10, arch="conv", blocks=[1, 0, 1], stem=16, downsample="pool", norm="batch")
     shapes = {name: model.get_layer(name).output.shape[1:] for name in
               ("stem_conv_act", "stage1_pool", "stage1_block1_out", "stage2_pool", "stage3_block1_out", "pool")}
     assert shapes == {"stem_conv_act": (32, 32, 16), "stage1_pool": (16, 16, 32), "stage1_block1_out": (16, 16, 32),
@@ -215,8 +216,10 @@ def test_preactivation_blocks_normalize_before_each_convolution():
 
 
 def test_standardization_is_a_layer_saved_with_the_model(tmp_path):
-    mean, variance = np.array([0.5, 0.4, 0.3]), np.array([0.04, 0.09, 0.16])
-    build_model([4], 2, input_shape=(2, 2, 3), input_stats=(mean, variance)).save(tmp_path / "m.keras")
+    rng = np.random.default_rng(1)
+    images = (rng.normal(size=(50, 2, 2, 3)) * [0.2, 0.3, 0.4] + [0.5, 0.4, 0.3]).astype(np.float32)
+    mean, variance = channel_stats(images)
+    built([4], 2, training_images=images, standardize=True).save(tmp_path / "m.keras")
     model = keras.models.load_model(tmp_path / "m.keras")  # what evaluate and any later use see
     standardize = keras.Model(model.input, model.get_layer("standardize").output)
     x = np.random.default_rng(0).uniform(size=(3, 2, 2, 3)).astype(np.float32)
@@ -246,9 +249,9 @@ def test_whitening_kernel_decorrelates_the_patches_and_adds_their_negatives():
 
 def test_the_whitening_stem_is_fixed_whitens_the_standardized_images_and_is_saved(tmp_path):
     images = correlated_images()
-    mean, variance = images.mean(axis=(0, 1, 2)), images.var(axis=(0, 1, 2))
-    model = build_model([4], 3, input_shape=(8, 8, 3), arch="conv", blocks=0, stem="whiten", downsample="pool",
-                        norm="batch", input_stats=(mean, variance), training_images=images)
+    mean, variance = channel_stats(images)
+    model = built([4], 3, arch="conv", blocks=[0], stem="whiten", downsample="pool", norm="batch",
+                  standardize=True, training_images=images)
     whiten = model.get_layer("stem_whiten")
     assert [w.name for w in whiten.trainable_weights] == ["bias"]  # the filters never train
     expected = whitening_kernel((images - mean) / np.sqrt(variance))
@@ -257,8 +260,6 @@ def test_the_whitening_stem_is_fixed_whitens_the_standardized_images_and_is_save
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
     np.testing.assert_array_equal(loaded.get_layer("stem_whiten").kernel.numpy(), whiten.kernel.numpy())
-    with pytest.raises(ValueError, match="training_images"):
-        build_model([4], 3, input_shape=(8, 8, 3), arch="conv", blocks=0, stem="whiten", downsample="pool")
 
 
 def test_dirac_initialization_passes_the_first_channels_through():
@@ -267,7 +268,7 @@ def test_dirac_initialization_passes_the_first_channels_through():
     y = keras.ops.conv(x, kernel, padding="same").numpy()
     np.testing.assert_allclose(y[..., :4], x, atol=1e-6)  # identity on the first four filters
     assert np.std(kernel[..., 4:]) > 0.1 and np.count_nonzero(kernel[..., 4:]) == 3 * 3 * 4 * 2  # He-normal
-    model = build_model([4], 2, input_shape=(8, 8, 3), arch="conv", blocks=1, stem=4, downsample="pool",
+    model = built([4], 2, input_shape=(8, 8, 3), arch="conv", blocks=1, stem=4, downsample="pool",
                         norm="batch", conv_init="dirac")
     square = model.get_layer("stage1_block1_conv2").kernel.numpy()
     np.testing.assert_array_equal(square[1, 1], np.eye(4))  # a square convolution starts as the identity
@@ -276,7 +277,7 @@ def test_dirac_initialization_passes_the_first_channels_through():
 
 def test_pool_first_transitions_normalize_and_activate_the_pooled_pixels():
     def order(downsample):
-        model = build_model([8], 2, input_shape=(8, 8, 3), arch="conv", blocks=0, stem=4, downsample=downsample,
+        model = built([8], 2, input_shape=(8, 8, 3), arch="conv", blocks=[0], stem=4, downsample=downsample,
                             norm="batch")
         return [layer.name for layer in model.layers if layer.name.startswith("stage1")]
     assert order("pool_first") == ["stage1_conv", "stage1_pool", "stage1_conv_norm", "stage1_conv_act"]
@@ -284,16 +285,16 @@ def test_pool_first_transitions_normalize_and_activate_the_pooled_pixels():
 
 
 def test_batch_norm_momentum_and_frozen_scales_reach_every_batch_norm():
-    model = build_model([4, 8], 2, input_shape=(8, 8, 3), arch="conv", blocks=1, stem=4, downsample="pool_first",
+    model = built([4, 8], 2, input_shape=(8, 8, 3), arch="conv", blocks=1, stem=4, downsample="pool_first",
                         norm="batch", norm_momentum=0.6, norm_scale=False)
     norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert len(norms) == 7 and all(norm.momentum == 0.6 and norm.gamma is None for norm in norms)
 
 
 def test_logit_scale_divides_the_logits_before_the_softmax():
-    model = build_model([4], 3, input_shape=(2, 2, 3), logit_scale=0.25)
+    model = built([4], 3, input_shape=(2, 2, 3), logit_scale=0.25)
     x = np.random.default_rng(3).normal(size=(5, 2, 2, 3)).astype(np.float32)
     logits = keras.Model(model.input, model.get_layer("classifier").output).predict(x, verbose=0)
     scaled = np.exp(0.25 * logits) / np.exp(0.25 * logits).sum(axis=1, keepdims=True)
     np.testing.assert_allclose(model.predict(x, verbose=0), scaled, rtol=1e-5)
-    assert build_model([4], 3, input_shape=(2, 2, 3)).count_params() == model.count_params()
+    assert built([4], 3, input_shape=(2, 2, 3)).count_params() == model.count_params()

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import TINY_CONV
+from support import TINY_CONV
 
 from resnet_cifar import optimizers
-from resnet_cifar.models import build_model
-from resnet_cifar.params import NETWORK, ParamsError, backend, data_params, load_params, variant_names, variant_spec
+from resnet_cifar.models import Network, build_model
+from resnet_cifar.params import ParamsError, backend, data_params, load_params, variant_names, variant_spec
 
 PROJECT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -22,7 +22,7 @@ def project_params() -> dict:
 def project_model(name: str):
     """The network the train stage builds for variant `name` of the project's params.yaml."""
     spec = variant_spec(load_params(PROJECT_PARAMS), name)
-    return spec, build_model(num_classes=10, **spec.group(NETWORK))
+    return spec, build_model(Network.of(spec), 10, np.zeros((1, 32, 32, 3), np.float32), name)
 
 
 @pytest.mark.parametrize("name, parameters", [("baseline", 985_482), ("deeper", 3_216_778),
@@ -56,7 +56,7 @@ def test_a_conv_variant_builds_a_convolutional_residual_network():
     params = load_params(PROJECT_PARAMS)
     params["variants"]["conv"] = TINY_CONV
     images = np.random.default_rng(0).uniform(size=(16, 32, 32, 3)).astype(np.float32)
-    model = build_model(num_classes=10, training_images=images, **variant_spec(params, "conv").group(NETWORK))
+    model = build_model(Network.of(variant_spec(params, "conv")), 10, images, "conv")
     kinds = {type(layer).__name__ for layer in model.layers}
     assert {"Conv2D", "BatchNormalization", "Add", "GlobalAveragePooling2D"} <= kinds
     assert "Flatten" not in kinds
@@ -65,7 +65,7 @@ def test_a_conv_variant_builds_a_convolutional_residual_network():
 def test_the_conv_variant_is_airbench_shaped_with_residual_blocks():
     params = load_params(PROJECT_PARAMS)
     images = np.random.default_rng(0).uniform(size=(64, 32, 32, 3)).astype(np.float32)
-    model = build_model(num_classes=10, training_images=images, **variant_spec(params, "conv").group(NETWORK))
+    model = build_model(Network.of(variant_spec(params, "conv")), 10, images, "conv")
     shapes = {name: model.get_layer(name).output.shape[1:] for name in
               ("stem_whiten_act", "stage1_conv_act", "stage1_block1_out", "stage2_conv_act", "stage3_conv_act",
                "stage3_block1_out", "probabilities")}

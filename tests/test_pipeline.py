@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from cifar_archives import make_archive
-from conftest import TINY_CONV, interrupt_at, running, tiny_params
+from support import TINY_CONV, interrupt_at, running, tiny_params
 
 PROJECT = Path(__file__).resolve().parents[1]
 TINY_PARAMS = tiny_params()

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import setup_project
+from support import setup_project
 from resnet_cifar import batches, datasets, prepare, progress, runtime, stage, train
 from resnet_cifar.params import load_params, variant_spec
 
@@ -50,10 +50,11 @@ def test_a_stop_request_takes_effect_at_the_next_boundary():
 
 def test_a_call_into_the_backend_lasts_about_a_second_at_most_and_divides_the_epoch():
     assert runtime.CALL_SECONDS == 1.0
-    assert runtime.steps_per_call(196, lambda: 0.022) == 28  # 45 steps take a second; 28 divides 196
-    assert runtime.steps_per_call(196, lambda: 0.0001) == 196
-    assert runtime.steps_per_call(49, lambda: 17.0) == 1
-    assert runtime.steps_per_call(157, lambda: 0.01) == 1  # a prime number of steps, over 100
+    assert runtime.steps_per_call(196, lambda: 0.022, replicas=1) == 28  # 45 steps take a second; 28 divides 196
+    assert runtime.steps_per_call(196, lambda: 0.0001, replicas=1) == 196
+    assert runtime.steps_per_call(49, lambda: 17.0, replicas=1) == 1
+    assert runtime.steps_per_call(157, lambda: 0.01, replicas=1) == 1  # a prime number of steps, over 100
+    assert runtime.steps_per_call(196, lambda: 0.022, replicas=2) == 1  # several devices: a step per call
 
 
 def test_the_pace_changes_no_number(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import EVERY_INGREDIENT, interrupt_at, setup_project
+from support import EVERY_INGREDIENT, interrupt_at, setup_project
 from resnet_cifar import paths, prepare, train
 
 EPOCHS = 6

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from cifar_archives import make_archive
-from conftest import interrupt_at, tiny_params
+from support import interrupt_at, tiny_params
 
 PROJECT = Path(__file__).resolve().parents[1]
 BUCKET = "team"

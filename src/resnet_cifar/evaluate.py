@@ -19,7 +19,7 @@ import numpy as np
 from resnet_cifar import models  # noqa: F401 (registers the custom layers a saved model may hold)
 from resnet_cifar.params import backend, load_params, variant_spec
 from resnet_cifar.paths import confusion_path, evaluate_path, model_path, timing_path
-from resnet_cifar.datasets import load_prepared
+from resnet_cifar.datasets import SPLITS, load_prepared
 from resnet_cifar.progress import Boundaries
 from resnet_cifar.runtime import check_backend, quiet_graph_optimizer
 from resnet_cifar.stage import StageError, all_or_nothing, atomic_path, interrupts_at_boundaries, run
@@ -77,22 +77,21 @@ def evaluate(model: keras.Model, data: dict, tta: bool = False,
     # The assignment's loss (model.evaluate's): cross-entropy plus the L2 penalty of regularized
     # variants; without the label smoothing a variant may train with, so all stay comparable.
     penalty = sum(float(loss) for loss in model.losses)
+    probabilities = {split: predict(model, data[f"x_{split}"], tta, callbacks) for split in SPLITS}
     metrics = {}
-    for split in ("train", "test"):
+    for split in SPLITS:
         labels = data[f"y_{split}"]
-        probabilities = predict(model, data[f"x_{split}"], tta, callbacks)
-        loss = cross_entropy(labels, probabilities) + penalty
-        accuracy = float(np.mean(np.argmax(probabilities, axis=1) == np.argmax(labels, axis=1)))
+        loss = cross_entropy(labels, probabilities[split]) + penalty
+        accuracy = float(np.mean(np.argmax(probabilities[split], axis=1) == np.argmax(labels, axis=1)))
         metrics[split] = {"loss": round(loss, 4), "accuracy": round(accuracy, 4)}
         print(f"{split}: loss {loss:.4f}, accuracy {accuracy:.4f}")
     metrics["overfit_gap"] = round(metrics["train"]["accuracy"] - metrics["test"]["accuracy"], 4)
 
-    # The loop ended on the test split: per-class accuracy and the confusion matrix are the test set's.
-    true_ids = np.argmax(labels, axis=1)
-    predicted_ids = np.argmax(probabilities, axis=1)
+    true_ids = np.argmax(data["y_test"], axis=1)
+    predicted_ids = np.argmax(probabilities["test"], axis=1)
     metrics["test"]["per_class_accuracy"] = per_class_accuracy(true_ids, predicted_ids, data["classes"])
     if len(data["classes"]) == 100:
-        metrics["test"]["top5_accuracy"] = round(top_k_accuracy(true_ids, probabilities, 5), 4)
+        metrics["test"]["top5_accuracy"] = round(top_k_accuracy(true_ids, probabilities["test"], 5), 4)
     return metrics, true_ids, predicted_ids
 
 

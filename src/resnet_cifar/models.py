@@ -5,8 +5,8 @@
 
 The assignment's residual block computes act(Dense(units)(Dense(units, act)(x)) + x): the
 activation comes after the sum, so the block's input must already have `units` features, which
-the transition Dense before it guarantees. With the defaults (one block per width, expansion 1,
-relu, no normalization) `build_model` is exactly the assignment's network. The convolutional
+the transition Dense before it guarantees. With params.yaml's defaults (one block per width,
+expansion 1, relu, no normalization) `build_model` is exactly the assignment's network. The convolutional
 block is the same idea with two 3x3 convolutions (He et al. 2016), or its pre-activation form.
 
 The convolutional family also carries the ingredients of fast CIFAR-10 training (Jordan's airbench,
@@ -15,47 +15,83 @@ conv -> pool -> norm -> activation, identity (Dirac) initialization, batch norm'
 frozen scales, and scaled-down logits.
 """
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import keras
 import numpy as np
 from keras import layers, regularizers
 
-from resnet_cifar.runtime import synchronized_norm
+from resnet_cifar.params import VariantSpec
 
 WHITENING_PATCH = 2  # the patch-whitening layer's patches: 2x2 pixels (airbench's)
 WHITENING_EPSILON = 5e-4  # added to the patches' covariance eigenvalues (airbench's)
 WHITENING_IMAGES = 5000  # the training images whose patches set the whitening filters (airbench's)
 
 
-def normalization(kind: str, name: str, momentum: float = 0.99, scale: bool = True) -> layers.Layer:
-    """A LayerNormalization ("layer") or BatchNormalization ("batch", with its moving statistics'
-    momentum and whether it learns a scale) layer."""
-    if kind == "layer":
-        return layers.LayerNormalization(name=name)
-    # Synchronized where TensorFlow trains on several replicas: statistics of the whole global
-    # batch, as on one device (only TensorFlow's batch norm takes the switch).
-    return layers.BatchNormalization(momentum=momentum, scale=scale, synchronized=synchronized_norm(), name=name)
+@dataclass(frozen=True)
+class Network:
+    """A network of either family, as params.yaml describes it: `Network.of` a variant's validated
+    spec (params.py holds each key's check; params.yaml, its default). Per-width keys hold one value
+    per width."""
+    arch: str  # dense | conv
+    widths: tuple[int, ...]  # dense: units per stage; conv: filters per stage
+    blocks: tuple[int, ...]  # residual blocks per stage
+    stem: int | str  # conv: filters of the stem convolution, or "whiten"
+    downsample: str  # conv: stride | pool | pool_first
+    conv_init: str  # conv: he | dirac
+    norm_momentum: float  # batch norm: the old moving statistics' weight at each update
+    norm_scale: bool  # batch norm learns a scale (gamma); False: only its offset (beta), as airbench
+    expansion: float  # dense: a block's hidden width factor
+    activation: str
+    norm: str  # none | layer | batch
+    prenorm: bool  # x + f(norm(x)) blocks
+    dropout: float  # dense: after each transition Dense
+    l2: tuple[float, ...]  # dense: one factor per transition Dense
+    logit_scale: float  # the classifier's logits times this
+    standardize: bool  # a first layer standardizes each channel by the training images' statistics
+
+    @classmethod
+    def of(cls, spec: VariantSpec) -> "Network":
+        return cls(**{key.name: getattr(spec, key.name) for key in fields(cls)})
 
 
-def normalized(x, norm: str, activation: str | None, name: str, momentum: float = 0.99, scale: bool = True):
-    """x -> norm -> activation, each only when asked for (batch norm's momentum and scale as in
-    `normalization`)."""
-    if norm != "none":
-        x = normalization(norm, f"{name}_norm", momentum, scale)(x)
+@dataclass(frozen=True)
+class Norm:
+    """How layers are normalized: "none", "layer" (LayerNormalization), or "batch"
+    (BatchNormalization with its moving statistics' momentum, whether it learns a scale, and
+    whether it averages its statistics over the replicas itself: TensorFlow's MirroredStrategy)."""
+    kind: str
+    momentum: float
+    scale: bool
+    synchronized: bool = False
+
+    def __call__(self, x, name: str):
+        if self.kind == "none":
+            return x
+        if self.kind == "layer":
+            return layers.LayerNormalization(name=f"{name}_norm")(x)
+        return layers.BatchNormalization(momentum=self.momentum, scale=self.scale, synchronized=self.synchronized,
+                                         name=f"{name}_norm")(x)
+
+
+NO_NORM = Norm("none", momentum=0.0, scale=False)  # the assignment's blocks: no normalization (momentum, scale unused)
+
+
+def normalized(x, norm: Norm, activation: str | None, name: str):
+    """x -> norm -> activation, each only when asked for."""
+    x = norm(x, name)
     return layers.Activation(activation, name=f"{name}_act")(x) if activation else x
 
 
-def dense(x, units: int, activation: str | None, norm: str, name: str, **dense_kwargs):
-    """Dense(units, activation), or Dense -> norm -> activation when norm is not "none"."""
-    if norm == "none":
+def dense(x, units: int, activation: str | None, norm: Norm, name: str, **dense_kwargs):
+    """Dense(units, activation), or Dense -> norm -> activation with a norm."""
+    if norm.kind == "none":
         return layers.Dense(units, activation=activation, name=name, **dense_kwargs)(x)
     return normalized(layers.Dense(units, name=name, **dense_kwargs)(x), norm, activation, name)
 
 
-def residual_block(x, units: int, hidden: int | None = None, activation: str = "relu",
-                   norm: str = "none", name: str = "block"):
+def residual_block(x, units: int, hidden: int | None = None, activation: str = "relu", norm: Norm = NO_NORM,
+                   name: str = "block"):
     """a1 = Dense(hidden, act)(x); z2 = Dense(units)(a1); return act(z2 + x).
 
     With a norm, each Dense is followed by it (before the activation). Works on a symbolic
@@ -67,7 +103,7 @@ def residual_block(x, units: int, hidden: int | None = None, activation: str = "
     return layers.Activation(activation, name=f"{name}_out")(summed)
 
 
-def prenorm_block(x, units: int, hidden: int, activation: str, norm: str, name: str):
+def prenorm_block(x, units: int, hidden: int, activation: str, norm: Norm, name: str):
     """x + Dense(units)(Dense(hidden, act)(norm(x))): the residual path stays linear."""
     h = normalized(x, norm, None, name)
     h = layers.Dense(hidden, activation=activation, name=f"{name}_dense1")(h)
@@ -75,7 +111,7 @@ def prenorm_block(x, units: int, hidden: int, activation: str, norm: str, name: 
     return layers.Add(name=f"{name}_add")([x, h])
 
 
-def transition(x, units: int, l2: float, dropout: float, activation: str | None, norm: str, name: str):
+def transition(x, units: int, l2: float, dropout: float, activation: str | None, norm: Norm, name: str):
     """Dense(units, act) with optional L2 on its kernel and a norm, then optional Dropout."""
     x = dense(x, units, activation, norm, name=f"{name}_dense",
               kernel_regularizer=regularizers.L2(l2) if l2 else None)
@@ -84,15 +120,15 @@ def transition(x, units: int, l2: float, dropout: float, activation: str | None,
     return x
 
 
-def dense_features(x, widths: Sequence[int], blocks: Sequence[int], expansion: float, activation: str,
-                   norm: str, prenorm: bool, dropout: float, l2: Sequence[float]):
+def dense_features(x, network: Network, norm: Norm):
     """Flatten, then per width a transition Dense and its residual blocks. With `prenorm`, the
     transitions are linear (the blocks normalize their own input) and a final norm follows."""
+    activation, prenorm = network.activation, network.prenorm
     x = layers.Flatten(name="flatten")(x)
-    for stage, (units, count, factor) in enumerate(zip(widths, blocks, l2), start=1):
-        x = transition(x, units, factor, dropout, None if prenorm else activation,
-                       "none" if prenorm else norm, name=f"stage{stage}")
-        hidden = max(1, round(expansion * units))
+    for stage, (units, count, factor) in enumerate(zip(network.widths, network.blocks, network.l2), start=1):
+        x = transition(x, units, factor, network.dropout, None if prenorm else activation,
+                       NO_NORM if prenorm else norm, name=f"stage{stage}")
+        hidden = max(1, round(network.expansion * units))
         for block in range(1, count + 1):
             # The assignment's single block per width keeps its original name.
             block_name = f"stage{stage}_block" + (f"{block}" if count > 1 else "")
@@ -106,16 +142,13 @@ def dense_features(x, widths: Sequence[int], blocks: Sequence[int], expansion: f
 @dataclass(frozen=True)
 class ConvStyle:
     """How the convolutional family makes its layers."""
-    activation: str = "relu"
-    norm: str = "batch"
-    norm_momentum: float = 0.99  # batch norm: the old moving statistics' weight at each update (Keras's)
-    norm_scale: bool = True  # batch norm learns a scale (gamma); False: only its offset (beta), as airbench
-    init: str = "he"  # he | dirac: He-normal, or He-normal with the identity in the first filters
+    activation: str
+    norm: Norm
+    init: str  # he | dirac: He-normal, or He-normal with the identity in the first filters
 
     def normalized(self, x, activate: bool, name: str):
         """x -> norm -> activation (the activation only when asked for)."""
-        return normalized(x, self.norm, self.activation if activate else None, name, self.norm_momentum,
-                          self.norm_scale)
+        return normalized(x, self.norm, self.activation if activate else None, name)
 
     def conv(self, x, filters: int, name: str, kernel_size: int = 3, strides: int = 1):
         """A bias-free convolution, "same" padded (a norm follows it, or its bias would be redundant)."""
@@ -225,21 +258,20 @@ def conv_stem(x, stem: int | str, style: ConvStyle, prenorm: bool, whitening: np
     return x if prenorm else style.normalized(x, True, "stem_conv")
 
 
-def conv_features(x, widths: Sequence[int], blocks: Sequence[int], stem: int | str, downsample: str,
-                  style: ConvStyle, prenorm: bool, whitening: np.ndarray | None):
+def conv_features(x, network: Network, style: ConvStyle, whitening: np.ndarray | None):
     """The stem, then per width a stage of residual blocks, then global average pooling. Each stage
     after the first halves the image: `stride`, by a strided first block (He et al.'s ResNet-20/56);
     `pool` and `pool_first`, by a conv-pool transition before its blocks (every stage has one;
     Page's ResNet-9, airbench)."""
-    x = conv_stem(x, stem, style, prenorm, whitening)
-    block = preactivation_block if prenorm else conv_block
-    for stage, (filters, count) in enumerate(zip(widths, blocks), start=1):
-        if downsample != "stride":
-            x = conv_transition(x, filters, style, downsample == "pool_first", name=f"stage{stage}")
+    x = conv_stem(x, network.stem, style, network.prenorm, whitening)
+    block = preactivation_block if network.prenorm else conv_block
+    for stage, (filters, count) in enumerate(zip(network.widths, network.blocks), start=1):
+        if network.downsample != "stride":
+            x = conv_transition(x, filters, style, network.downsample == "pool_first", name=f"stage{stage}")
         for index in range(1, count + 1):
-            strides = 2 if downsample == "stride" and stage > 1 and index == 1 else 1
+            strides = 2 if network.downsample == "stride" and stage > 1 and index == 1 else 1
             x = block(x, filters, strides, style, name=f"stage{stage}_block{index}")
-    if prenorm:
+    if network.prenorm:
         x = style.normalized(x, True, "final")
     return layers.GlobalAveragePooling2D(name="pool")(x)
 
@@ -255,57 +287,28 @@ def classifier(x, num_classes: int, logit_scale: float):
     return layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
 
 
-def build_model(
-    widths: Sequence[int],
-    num_classes: int,
-    input_shape: Sequence[int] = (32, 32, 3),
-    arch: str = "dense",
-    blocks: int | Sequence[int] = 1,
-    stem: int | str = 16,
-    downsample: str = "stride",
-    conv_init: str = "he",
-    norm_momentum: float = 0.99,
-    norm_scale: bool = True,
-    logit_scale: float = 1.0,
-    expansion: float = 1.0,
-    activation: str = "relu",
-    norm: str = "none",
-    prenorm: bool = False,
-    dropout: float = 0.0,
-    l2: Sequence[float] | None = None,
-    input_stats: tuple[np.ndarray, np.ndarray] | None = None,
-    training_images: np.ndarray | None = None,
-    name: str = "resnet",
-) -> keras.Model:
-    """The `arch` family's features ("dense" or "conv"), then the softmax classifier.
+def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and variance of the images (float64 sums, for exactness)."""
+    return images.mean(axis=(0, 1, 2), dtype=np.float64), images.var(axis=(0, 1, 2), dtype=np.float64)
 
-    `blocks` is one count for every width or one per width. Dense only: `l2` holds one factor
-    per transition Dense (None: no L2), `dropout` follows every transition Dense (0: none).
-    Conv only: `stem`, `downsample`, `conv_init`, `norm_momentum` and `norm_scale` (ConvStyle).
-    `input_stats`, the per-channel (mean, variance) of the training images, adds a first layer that
-    standardizes the input, saved with the model. `training_images` (a sample) are needed by
-    `stem="whiten"`, whose filters whiten their patches (standardized first, as the layer sees them).
-    """
-    blocks = (blocks,) * len(widths) if isinstance(blocks, int) else tuple(blocks)
-    l2 = tuple(l2) if l2 is not None else (0.0,) * len(widths)
-    for key, values in (("blocks", blocks), ("l2", l2)):
-        if len(values) != len(widths):
-            raise ValueError(f"{key}: expected {len(widths)} values (one per width), got {len(values)}")
-    inputs = keras.Input(shape=tuple(input_shape), name="image")
-    x = inputs
-    if input_stats is not None:
-        x = layers.Normalization(mean=input_stats[0], variance=input_stats[1], name="standardize")(x)
-    if arch == "conv":
-        whitening = None
-        if stem == "whiten":
-            if training_images is None:
-                raise ValueError('stem "whiten": pass training_images, whose patches the first layer whitens')
-            seen = training_images[:WHITENING_IMAGES]
-            if input_stats is not None:
-                seen = (seen - input_stats[0]) / np.sqrt(input_stats[1])
-            whitening = whitening_kernel(seen)
-        style = ConvStyle(activation, norm, norm_momentum, norm_scale, conv_init)
-        x = conv_features(x, widths, blocks, stem, downsample, style, prenorm, whitening)
+
+def build_model(network: Network, num_classes: int, training_images: np.ndarray, name: str,
+                synchronized_norm: bool = False) -> keras.Model:
+    """The network's features, then the softmax classifier. The training images give the input's
+    shape; with `standardize`, their per-channel statistics make a first layer that standardizes
+    the input (saved with the model); with `stem: whiten`, the patches of the first of them,
+    standardized as the layer sees them, set its filters. `synchronized_norm`: batch norm averages
+    its statistics over the replicas (TensorFlow's; runtime.synchronized_norm)."""
+    inputs = keras.Input(shape=training_images.shape[1:], name="image")
+    x, sample = inputs, training_images[:WHITENING_IMAGES]
+    if network.standardize:
+        mean, variance = channel_stats(training_images)
+        x = layers.Normalization(mean=mean, variance=variance, name="standardize")(x)
+        sample = (sample - mean) / np.sqrt(variance)
+    norm = Norm(network.norm, network.norm_momentum, network.norm_scale, synchronized_norm)
+    if network.arch == "conv":
+        whitening = whitening_kernel(sample) if network.stem == "whiten" else None
+        x = conv_features(x, network, ConvStyle(network.activation, norm, network.conv_init), whitening)
     else:
-        x = dense_features(x, widths, blocks, expansion, activation, norm, prenorm, dropout, l2)
-    return keras.Model(inputs, classifier(x, num_classes, logit_scale), name=name)
+        x = dense_features(x, network, norm)
+    return keras.Model(inputs, classifier(x, num_classes, network.logit_scale), name=name)

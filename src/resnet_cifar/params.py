@@ -17,7 +17,6 @@ from resnet_cifar.stage import StageError
 TOP_LEVEL_KEYS = ("seed", "data", "train", "variants")
 DATASETS = ("cifar10", "cifar100")
 LABEL_MODES = ("fine", "coarse")
-NETWORK, INPUT, OPTIMIZATION, EVALUATION = "network", "input", "optimization", "evaluation"
 PER_WIDTH_KEYS = ("blocks", "l2")  # one value for all widths, or a list of exactly one per width
 BACKENDS = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}  # Keras backend: what installs it
 
@@ -143,8 +142,8 @@ def check_devices(value: Any, where: str) -> str | tuple[int, ...]:
     return tuple(value)
 
 
-def key(check: Check, group: str) -> Any:
-    return field(metadata={"check": check, "group": group})
+def key(check: Check) -> Any:
+    return field(metadata={"check": check})
 
 
 @dataclass(frozen=True)
@@ -153,48 +152,44 @@ class VariantSpec:
 
     name: str
     seed: int
-    # the network: build_model's arguments
-    arch: str = key(choice("dense", "conv"), NETWORK)
-    widths: tuple[int, ...] = key(check_widths, NETWORK)  # dense: units per stage; conv: filters per stage
-    blocks: tuple[int, ...] = key(check_blocks, NETWORK)  # residual blocks per stage
-    stem: int | str = key(check_stem, NETWORK)  # conv: filters of the stem convolution, or "whiten"
-    downsample: str = key(choice("stride", "pool", "pool_first"), NETWORK)  # conv: how a stage halves the image
-    conv_init: str = key(choice("he", "dirac"), NETWORK)  # conv: dirac starts filters as the identity
-    norm_momentum: float = key(number(0.0, 1.0, high_open=True), NETWORK)  # batch norm's moving statistics
-    norm_scale: bool = key(boolean, NETWORK)  # batch norm learns a scale (false: its offset alone)
-    expansion: float = key(number(0.0, low_open=True), NETWORK)  # dense: a block's hidden width factor
-    activation: str = key(choice("relu", "gelu"), NETWORK)
-    norm: str = key(choice("none", "layer", "batch"), NETWORK)
-    prenorm: bool = key(boolean, NETWORK)  # x + f(norm(x)) blocks (pre-activation, for conv)
-    dropout: float = key(number(0.0, 1.0, high_open=True), NETWORK)  # dense: after each transition
-    l2: tuple[float, ...] = key(per_width(number(0.0)), NETWORK)  # dense: one factor per transition
-    logit_scale: float = key(number(0.0, low_open=True), NETWORK)  # the classifier's logits times this
-    # the input it sees
-    standardize: bool = key(boolean, INPUT)  # per-channel, with the training images' mean and std
-    flip: bool | str = key(choice_or_boolean("alternate"), INPUT)  # true: random; alternate: by epoch
-    translate: int = key(int_in(0, 16, "an integer number of pixels in [0, 16)"), INPUT)  # zero-filled
-    crop: int = key(int_in(0, 16, "an integer number of pixels in [0, 16)"), INPUT)  # reflect-padded
-    mixup: float = key(number(0.0), INPUT)  # Beta(mixup, mixup) mixing weights; 0: off
+    # the network (models.Network: build_model's)
+    arch: str = key(choice("dense", "conv"))
+    widths: tuple[int, ...] = key(check_widths)  # dense: units per stage; conv: filters per stage
+    blocks: tuple[int, ...] = key(check_blocks)  # residual blocks per stage
+    stem: int | str = key(check_stem)  # conv: filters of the stem convolution, or "whiten"
+    downsample: str = key(choice("stride", "pool", "pool_first"))  # conv: how a stage halves the image
+    conv_init: str = key(choice("he", "dirac"))  # conv: dirac starts filters as the identity
+    norm_momentum: float = key(number(0.0, 1.0, high_open=True))  # batch norm's moving statistics
+    norm_scale: bool = key(boolean)  # batch norm learns a scale (false: its offset alone)
+    expansion: float = key(number(0.0, low_open=True))  # dense: a block's hidden width factor
+    activation: str = key(choice("relu", "gelu"))
+    norm: str = key(choice("none", "layer", "batch"))
+    prenorm: bool = key(boolean)  # x + f(norm(x)) blocks (pre-activation, for conv)
+    dropout: float = key(number(0.0, 1.0, high_open=True))  # dense: after each transition
+    l2: tuple[float, ...] = key(per_width(number(0.0)))  # dense: one factor per transition
+    logit_scale: float = key(number(0.0, low_open=True))  # the classifier's logits times this
+    standardize: bool = key(boolean)  # per-channel, with the training images' mean and std
+    # the input it sees (standardization: a layer of the network)
+    flip: bool | str = key(choice_or_boolean("alternate"))  # true: random; alternate: by epoch
+    translate: int = key(int_in(0, 16, "an integer number of pixels in [0, 16)"))  # zero-filled
+    crop: int = key(int_in(0, 16, "an integer number of pixels in [0, 16)"))  # reflect-padded
+    mixup: float = key(number(0.0))  # Beta(mixup, mixup) mixing weights; 0: off
     # the optimization
-    epochs: int = key(positive_int, OPTIMIZATION)
-    batch_size: int = key(positive_int, OPTIMIZATION)
-    optimizer: str = key(choice("adam", "adamw", "lion", "sgd", "nesterov"), OPTIMIZATION)
-    learning_rate: float = key(number(0.0, low_open=True), OPTIMIZATION)  # the peak, after warm-up
-    norm_lr_factor: float = key(number(0.0, low_open=True), OPTIMIZATION)  # sgd: the norm layers' learning rate factor
-    weight_decay: float = key(number(0.0), OPTIMIZATION)  # decoupled: w -= lr * weight_decay * w
-    warmup_epochs: int = key(int_in(0, 1_000_000, "an integer in [0, epochs)"), OPTIMIZATION)
-    schedule: str = key(choice("constant", "cosine", "linear"), OPTIMIZATION)
-    label_smoothing: float = key(number(0.0, 1.0, high_open=True), OPTIMIZATION)
-    ema: float = key(number(0.0, 1.0, high_open=True), OPTIMIZATION)  # momentum of the weight average
-    precision: str = key(choice("auto", "float32", "bfloat16", "float16"), OPTIMIZATION)
-    devices: str | tuple[int, ...] = key(check_devices, OPTIMIZATION)  # several: synchronous data parallel
-    validation: str | float = key(check_validation, OPTIMIZATION)  # "test", or the fraction of train held out
+    epochs: int = key(positive_int)
+    batch_size: int = key(positive_int)
+    optimizer: str = key(choice("adam", "adamw", "lion", "sgd", "nesterov"))
+    learning_rate: float = key(number(0.0, low_open=True))  # the peak, after warm-up
+    norm_lr_factor: float = key(number(0.0, low_open=True))  # sgd: the norm layers' learning rate factor
+    weight_decay: float = key(number(0.0))  # decoupled: w -= lr * weight_decay * w
+    warmup_epochs: int = key(int_in(0, 1_000_000, "an integer in [0, epochs)"))
+    schedule: str = key(choice("constant", "cosine", "linear"))
+    label_smoothing: float = key(number(0.0, 1.0, high_open=True))
+    ema: float = key(number(0.0, 1.0, high_open=True))  # momentum of the weight average
+    precision: str = key(choice("auto", "float32", "bfloat16", "float16"))
+    devices: str | tuple[int, ...] = key(check_devices)  # several: synchronous data parallel
+    validation: str | float = key(check_validation)  # "test", or the fraction of train held out
     # the evaluation
-    tta: bool | str = key(choice_or_boolean("shifts"), EVALUATION)  # true: the image and its mirror; shifts: and 1-pixel shifts
-
-    def group(self, name: str) -> dict[str, Any]:
-        """The variant's keys of one group (NETWORK: the model builder's arguments)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("group") == name}
+    tta: bool | str = key(choice_or_boolean("shifts"))  # true: the image and its mirror; shifts: and 1-pixel shifts
 
 
 VARIANT_KEYS = tuple(f.name for f in fields(VariantSpec) if f.metadata)

@@ -23,7 +23,8 @@ import importlib
 import importlib.util
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -133,10 +134,32 @@ def gpu_name(gpu) -> str:
     return torch.cuda.get_device_name(gpu)
 
 
-def use_devices(devices: str | tuple[int, ...]) -> list[tuple[int, int]]:
-    """Pick the GPUs that `devices` names (all of them for `auto`, none for `cpu`); return the
-    compute capabilities of those in use. Call it before anything runs on a device."""
-    global _chosen
+@dataclass(frozen=True)
+class Devices:
+    """The GPUs a stage trains on (the backend's handles; none: the CPU)."""
+    gpus: tuple
+
+    def capabilities(self) -> list[tuple[int, int]]:
+        return [capability(gpu) for gpu in self.gpus]
+
+    def replicas(self) -> list[str]:
+        """The devices as the backend's distribution names them: the GPUs, or none (the CPU); in a
+        job of several processes, those of every process."""
+        if process_count() > 1:
+            return [f"{device.platform}:{device.id}" for device in jax.devices("gpu" if self.gpus else "cpu")]
+        if BACKEND == "tensorflow":
+            return [device.name for device in tf.config.list_logical_devices("GPU")]
+        return [f"gpu:{gpu.id}" if BACKEND == "jax" else f"cuda:{gpu}" for gpu in self.gpus]
+
+    def name(self) -> str:
+        """The GPUs by name, or the CPU, and how many processes had them."""
+        name = ", ".join(gpu_name(gpu) for gpu in self.gpus) if self.gpus else cpu_name()
+        return name if process_count() == 1 else f"{process_count()} processes, each on {name}"
+
+
+def use_devices(devices: str | tuple[int, ...]) -> Devices:
+    """The GPUs that `devices` names (all of them for `auto`, none for `cpu`); on TensorFlow, the
+    only ones its runtime sees from now on. Call it before anything runs on a device."""
     visible = gpus()
     if devices not in ("auto", "cpu") and process_count() > 1:
         raise StageError("params.yaml: train.devices: a job of several processes trains on every GPU of each "
@@ -146,23 +169,22 @@ def use_devices(devices: str | tuple[int, ...]) -> list[tuple[int, int]]:
         if missing:
             raise StageError(f"params.yaml: train.devices: no GPU {missing[0]} on this machine "
                              f"({len(visible)} visible)")
-    _chosen = [] if devices == "cpu" else visible if devices == "auto" else [visible[index] for index in devices]
+    chosen = () if devices == "cpu" else tuple(visible) if devices == "auto" else tuple(visible[i] for i in devices)
     if BACKEND == "tensorflow":  # TensorFlow keeps the others off its runtime
-        tf.config.set_visible_devices(_chosen, "GPU")
-    return [capability(gpu) for gpu in _chosen]
+        tf.config.set_visible_devices(list(chosen), "GPU")
+    return Devices(chosen)
 
 
-_chosen: list = []  # the GPUs in use, set by use_devices
-
-
-def replicas() -> list[str]:
-    """The devices to train on, as the backend's distribution names them: the GPUs in use, or
-    none (the CPU); in a job of several processes, those of every process."""
-    if process_count() > 1:
-        return [f"{device.platform}:{device.id}" for device in jax.devices("gpu" if _chosen else "cpu")]
-    if BACKEND == "tensorflow":
-        return [device.name for device in tf.config.list_logical_devices("GPU")]
-    return [f"gpu:{gpu.id}" if BACKEND == "jax" else f"cuda:{gpu}" for gpu in _chosen]
+@contextlib.contextmanager
+def precision_policy(precision: str) -> Iterator[None]:
+    """Keras's dtype policy for `precision` (float32, bfloat16 or float16, resolved) for the layers
+    made in the block, and the one before it afterwards: Keras keeps it as global state."""
+    before = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_global_policy(POLICIES[precision])
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(before)
 
 
 def distribution(devices: list[str]) -> contextlib.AbstractContextManager:
@@ -178,14 +200,6 @@ def distribution(devices: list[str]) -> contextlib.AbstractContextManager:
                      "(choose one GPU, or the jax or tensorflow backend)")
 
 
-def replica_count() -> int:
-    """The devices that the distribution in scope trains on."""
-    if BACKEND == "tensorflow":
-        return tf.distribute.get_strategy().num_replicas_in_sync
-    in_scope = keras.distribution.distribution()
-    return in_scope.device_mesh.devices.size if in_scope else 1
-
-
 def check_even_split(variant: str, batch_size: int, images: int, devices: int) -> None:
     """Stop unless every batch of an epoch, its last and smaller one too, splits evenly over the
     devices, as JAX's data parallel needs (TensorFlow's splits uneven batches itself)."""
@@ -196,13 +210,13 @@ def check_even_split(variant: str, batch_size: int, images: int, devices: int) -
                          f"{devices} devices; choose one that does")
 
 
-def steps_per_call(steps_per_epoch: int, step_seconds: Callable[[], float]) -> int:
+def steps_per_call(steps_per_epoch: int, step_seconds: Callable[[], float], replicas: int) -> int:
     """Steps per call of the training function: at most CALL_SECONDS' worth by `step_seconds()`,
     which keeps Python's per-call overhead small and brings a boundary (a stop request, the
     progress line: progress.py) that often. One on several devices (Keras 3 fails otherwise under
     TensorFlow's replicas: keras-team/keras#19246; on JAX a prediction before `fit` would drop the
     sharded state) and in a job of several processes (whose calls must match)."""
-    if process_count() > 1 or replica_count() > 1:
+    if process_count() > 1 or replicas > 1:
         return 1
     most = max(1, min(steps_per_epoch, int(CALL_SECONDS / step_seconds())))
     # A divisor of the epoch's steps: Keras's last call of an epoch would otherwise run on into
@@ -210,10 +224,10 @@ def steps_per_call(steps_per_epoch: int, step_seconds: Callable[[], float]) -> i
     return max(steps for steps in range(1, most + 1) if steps_per_epoch % steps == 0)
 
 
-def synchronized_norm() -> bool:
+def synchronized_norm(replicas: int) -> bool:
     """Whether batch norm must average its statistics over the replicas itself (TensorFlow's
     MirroredStrategy; Keras's DataParallel on JAX normalizes over the global batch already)."""
-    return BACKEND == "tensorflow" and replica_count() > 1
+    return BACKEND == "tensorflow" and replicas > 1
 
 
 def seed_everything(seed: int) -> None:
@@ -244,16 +258,10 @@ def cpu_name(cpuinfo: Path = CPUINFO) -> str:
     return f"{model} ({'AVX-512 BF16' if has_native_bfloat16(description) else 'no AVX-512 BF16'})"
 
 
-def device_name() -> str:
-    """The GPUs in use by name, or the CPU, and how many processes had them."""
-    name = ", ".join(gpu_name(gpu) for gpu in _chosen) if _chosen else cpu_name()
-    return name if process_count() == 1 else f"{process_count()} processes, each on {name}"
-
-
 def versions() -> dict[str, str]:
     return {"keras": keras.__version__, BACKEND: importlib.import_module(BACKEND).__version__}
 
 
-def run_record(precision: str) -> dict[str, str]:
+def run_record(precision: str, devices: Devices) -> dict[str, str]:
     """What produced a result: backend, resolved precision, device and versions."""
-    return {"backend": BACKEND, "precision": precision, "device": device_name(), **versions()}
+    return {"backend": BACKEND, "precision": precision, "device": devices.name(), **versions()}

@@ -29,14 +29,14 @@ from dvclive.utils import standardize_metric_name
 from resnet_cifar.batches import TrainingBatches, split_validation
 from resnet_cifar.checkpoint import Checkpoint, TrainingState, fingerprint, load_checkpoint, save_model
 from resnet_cifar.datasets import load_prepared
-from resnet_cifar.models import build_model
+from resnet_cifar.models import Network, build_model
 from resnet_cifar.optimizers import norm_weight_paths, optimizer
-from resnet_cifar.params import NETWORK, VariantSpec, backend, load_params, variant_spec
+from resnet_cifar.params import VariantSpec, backend, load_params, variant_spec
 from resnet_cifar.paths import checkpoint_dir, live_dir, live_outputs, model_path, summary_path, timing_path
 from resnet_cifar.progress import Boundaries
-from resnet_cifar.runtime import (POLICIES, check_backend, check_even_split, distribution, join_processes,
-                                  quiet_graph_optimizer, replicas, resolve_precision, run_record, seed_everything,
-                                  steps_per_call, use_devices)
+from resnet_cifar.runtime import (check_backend, check_even_split, distribution, join_processes, precision_policy,
+                                  quiet_graph_optimizer, resolve_precision, run_record, seed_everything,
+                                  steps_per_call, synchronized_norm, use_devices)
 from resnet_cifar.stage import StageError, all_or_nothing, atomic_path, interrupts_at_boundaries, run
 
 
@@ -86,17 +86,11 @@ class StopOnDivergence(keras.callbacks.Callback):
                              f"{epoch + 1}; lower its learning_rate in params.yaml")
 
 
-def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and variance of the training images (float64 sums, for exactness)."""
-    return images.mean(axis=(0, 1, 2), dtype=np.float64), images.var(axis=(0, 1, 2), dtype=np.float64)
-
-
-def compiled_model(spec: VariantSpec, x_fit: np.ndarray, num_classes: int, steps_per_epoch: int) -> keras.Model:
-    """The variant's network, compiled. Call it in the scope of the distribution that trains it."""
-    keras.mixed_precision.set_global_policy(POLICIES[spec.precision])
-    model = build_model(num_classes=num_classes, input_shape=x_fit.shape[1:], name=spec.name,
-                        input_stats=channel_stats(x_fit) if spec.standardize else None, training_images=x_fit,
-                        **spec.group(NETWORK))
+def compiled_model(spec: VariantSpec, x_fit: np.ndarray, num_classes: int, steps_per_epoch: int,
+                   replicas: int = 1) -> keras.Model:
+    """The variant's network, compiled to train on `replicas` devices. Call it in the scope of
+    their distribution and of the variant's precision (runtime.precision_policy)."""
+    model = build_model(Network.of(spec), num_classes, x_fit, spec.name, synchronized_norm(replicas))
     model.compile(
         optimizer=optimizer(spec, steps_per_epoch, norm_weight_paths(model)),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing),
@@ -122,12 +116,14 @@ def replay(live: Live, history: list[dict]) -> None:
 
 
 def on_this_machine(spec: VariantSpec) -> tuple[VariantSpec, list[str], dict]:
-    """The spec with its precision resolved, the devices to train on and the record of what runs:
-    pick the devices, seed every generator, quiet TensorFlow's graph optimizer."""
-    capabilities = use_devices(spec.devices)
-    spec = dataclasses.replace(spec, precision=resolve_precision(spec.precision, gpu_capabilities=capabilities))
-    devices = replicas()
-    record = run_record(spec.precision)
+    """The spec with its precision resolved, the devices to train on (as the distribution names
+    them) and the record of what runs: pick the devices, seed every generator, quiet TensorFlow's
+    graph optimizer."""
+    chosen = use_devices(spec.devices)
+    spec = dataclasses.replace(spec, precision=resolve_precision(spec.precision,
+                                                                 gpu_capabilities=chosen.capabilities()))
+    devices = chosen.replicas()
+    record = run_record(spec.precision, chosen)
     print(f"[{spec.name}] training in {spec.precision} on {', '.join(devices) or record['device']}, "
           f"Keras {record['keras']} on {record['backend']} {record[record['backend']]}")
     seed_everything(spec.seed)
@@ -136,11 +132,12 @@ def on_this_machine(spec: VariantSpec) -> tuple[VariantSpec, list[str], dict]:
 
 
 def built_or_resumed(spec: VariantSpec, x_fit: np.ndarray, num_classes: int, steps_per_epoch: int,
-                     expected: dict, checkpoint: Path) -> tuple[keras.Model, TrainingState, list[str]]:
+                     replicas: int, expected: dict,
+                     checkpoint: Path) -> tuple[keras.Model, TrainingState, list[str]]:
     """The compiled model and training state, from the checkpoint of an interrupted run of the same
     fingerprint if there is one, and the model's summary (made before any training, so that a
     resumed run's is the same)."""
-    model = compiled_model(spec, x_fit, num_classes, steps_per_epoch)
+    model = compiled_model(spec, x_fit, num_classes, steps_per_epoch, replicas)
     summary_lines: list[str] = []
     model.summary(print_fn=lambda line, **_: summary_lines.append(line))
     print("\n".join(summary_lines))
@@ -164,11 +161,11 @@ def step_seconds(model: keras.Model, batches: TrainingBatches) -> float:
 
 
 def fit(model: keras.Model, state: TrainingState, spec: VariantSpec, batches: TrainingBatches,
-        validation_data: tuple, checkpoint: Path, logged: bool) -> None:
-    """Train the epochs not yet in `state`, about a second per call into the backend
-    (runtime.steps_per_call), checkpointing each epoch, and logging each with DVCLive where
-    `logged` (process 0 of a job; the others train alongside it)."""
-    pace(model, steps_per_call(batches.steps_per_epoch, lambda: step_seconds(model, batches)))
+        validation_data: tuple, checkpoint: Path, replicas: int, logged: bool) -> None:
+    """Train the epochs not yet in `state` on `replicas` devices, about a second per call into the
+    backend (runtime.steps_per_call), checkpointing each epoch, and logging each with DVCLive
+    where `logged` (process 0 of a job; the others train alongside it)."""
+    pace(model, steps_per_call(batches.steps_per_epoch, lambda: step_seconds(model, batches), replicas))
     with (Live(str(live_dir(spec.name)), dvcyaml=None, save_dvc_exp=False) if logged else contextlib.nullcontext()
           as live, interrupts_at_boundaries()):
         callbacks = [StopOnDivergence(spec.name), Boundaries(spec.name, spec.batch_size)]
@@ -201,23 +198,24 @@ def train(spec: VariantSpec, data: dict, process: int = 0, processes: int = 1) -
     (process 0 of a job of several processes writes them)."""
     spec, devices, record = on_this_machine(spec)
     (x_fit, y_fit), validation_data = split_validation(data, spec.validation, spec.seed)
-    check_even_split(spec.name, spec.batch_size, len(x_fit), max(len(devices), 1))
+    replicas = max(len(devices), 1)
+    check_even_split(spec.name, spec.batch_size, len(x_fit), replicas)
     expected = fingerprint(spec, [x_fit, y_fit, *validation_data])
     steps_per_epoch = math.ceil(len(x_fit) / spec.batch_size)
     checkpoint = checkpoint_dir(spec.name, process)
-    with distribution(devices):
-        model, state, summary_lines = built_or_resumed(spec, x_fit, y_fit.shape[1], steps_per_epoch, expected,
-                                                       checkpoint)
+    with distribution(devices), precision_policy(spec.precision):
+        model, state, summary_lines = built_or_resumed(spec, x_fit, y_fit.shape[1], steps_per_epoch, replicas,
+                                                       expected, checkpoint)
         batches = TrainingBatches(x_fit, y_fit, spec, len(state.history), process, processes)
         if process == 0:
             # A diverged or interrupted run must not leave a history that looks like a result;
             # its checkpoint stays for the next run to resume from.
             outputs = (*live_outputs(spec.name), model_path(spec.name), timing_path(spec.name), summary_path(spec.name))
             with all_or_nothing(*outputs):
-                fit(model, state, spec, batches, validation_data, checkpoint, logged=True)
+                fit(model, state, spec, batches, validation_data, checkpoint, replicas, logged=True)
                 write_results(model, state, spec, summary_lines, record)
         else:  # every process sees the whole validation split: the metrics are the same
-            fit(model, state, spec, batches, validation_data, checkpoint, logged=False)
+            fit(model, state, spec, batches, validation_data, checkpoint, replicas, logged=False)
             # Saving a model creates variables, which the processes of a job create together.
             save_model(model, checkpoint / "model.keras")
     shutil.rmtree(checkpoint)

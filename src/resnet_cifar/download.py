@@ -44,7 +44,7 @@ OFFICIAL_ARCHIVE_MD5S = {
     "cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85",
     "cifar-100-binary.tar.gz": "03b5dce01913d631647c71ecec9e9cb8",
 }
-# From the official site via torchvision's cifar.py; the binary ones match /work/shared/data.
+# From the official site via torchvision's cifar.py (the binary ones checked against the official archive).
 OFFICIAL_MEMBER_MD5S = {
     "cifar-10-batches-py/data_batch_1": "c99cafc152244af753f735de768cd75f",
     "cifar-10-batches-py/data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
