@@ -29,6 +29,11 @@ TINY_PARAMS = {
 }
 
 
+def project_params() -> dict:
+    """The project's own params.yaml."""
+    return yaml.safe_load(PROJECT_PARAMS.read_text())
+
+
 def tiny_params(dataset: str = "cifar10", label_mode: str = "fine") -> dict:
     """Params for fast runs on generated archives: two small variants, two epochs."""
     params = copy.deepcopy(TINY_PARAMS)
@@ -86,13 +91,13 @@ def interrupt_at(command: list[str], line_start: str, sig: int = signal.SIGKILL,
     return subprocess.CompletedProcess(command, process.returncode, "".join(printed))
 
 
-def process_status(pid: int) -> tuple[str, int] | None:
-    """(state, parent) of a process, from Linux's /proc; None once it is gone."""
+def process_status(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent, session) of a process, from Linux's /proc; None once it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return fields[0], int(fields[1])
+    return fields[0], int(fields[1]), int(fields[3])
 
 
 def running(pid: int) -> bool:
@@ -100,9 +105,19 @@ def running(pid: int) -> bool:
     return status is not None and status[0] not in "ZX"  # an ended child its new parent has not reaped
 
 
-def children(pid: int) -> list[int]:
+def processes_where(field: int, value: int) -> list[int]:
+    """The running processes whose status field `field` (1: parent, 2: session) is `value`."""
     return [int(entry.name) for entry in Path("/proc").iterdir()
-            if entry.name.isdigit() and (process_status(int(entry.name)) or ("", 0))[1] == pid]
+            if entry.name.isdigit() and running(int(entry.name))
+            and (process_status(int(entry.name)) or ("", 0, 0))[field] == value]
+
+
+def children(pid: int) -> list[int]:
+    return processes_where(1, pid)
+
+
+def session_processes(session: int) -> list[int]:
+    return processes_where(2, session)
 
 
 def default_network(widths: list[int], **keys) -> Network:

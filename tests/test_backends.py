@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from support import TINY_CONV, setup_project
-from resnet_cifar import datasets, models, paths, prepare  # models: registers the custom layers to load
+from resnet_cifar import datasets, paths, prepare  # models: registers the custom layers to load
 
 pytestmark = pytest.mark.slow
 
@@ -81,9 +81,9 @@ import os
 import socket
 import sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-from resnet_cifar import stage, train
+from resnet_cifar import runtime, stage, train
 n = int(sys.argv.pop(1))
-train.replicas = lambda: ["cpu:0", "cpu:1"][:n]
+runtime.Devices.replicas = lambda self: ["cpu:0", "cpu:1"][:n]
 stage.run(train.main)
 """
 

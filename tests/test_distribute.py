@@ -24,9 +24,9 @@ import sys
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from resnet_cifar import stage, train
+from resnet_cifar import runtime, stage, train
 n = int(sys.argv.pop(1))
-train.replicas = lambda: [device.name for device in tf.config.list_logical_devices("CPU")][:n]
+runtime.Devices.replicas = lambda self: [device.name for device in tf.config.list_logical_devices("CPU")][:n]
 stage.run(train.main)
 """
 

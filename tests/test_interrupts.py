@@ -85,6 +85,30 @@ def project(root: Path, monkeypatch, variants: dict, n_train: int) -> None:
     Path("params.yaml").write_text(yaml.safe_dump(params))
 
 
+def interrupts_in_a_long_epoch(root: Path, monkeypatch, rng: random.Random) -> list[float]:
+    """LONG_INTERRUPTS interrupts, each a random moment into the second epoch of a run whose
+    epochs last longer than the limit; the seconds each took to stop."""
+    project(root, monkeypatch, {"long": LONG}, n_train=LONG_IMAGES)
+    process = start(train_command("long"))
+    epoch_seconds = float(re.match(epoch_ended("long", 1), lines_until(process, epoch_ended("long", 1))[-1])[1])
+    stop(process, signal.SIGTERM)
+    assert checkpointed_epochs("long") == 1 and epoch_seconds > STOP_LIMIT_SECONDS
+    stopped_in = []
+    for attempt in range(LONG_INTERRUPTS):
+        sig, delay = rng.choice([signal.SIGINT, signal.SIGTERM]), rng.uniform(0.5, 8.0)
+        print(f"interrupt {SHORT_INTERRUPTS + attempt + 1}, in a {epoch_seconds:.0f} s epoch: "
+              f"{signal.Signals(sig).name} {delay:.2f} s into it")
+        process = start(train_command("long"))
+        lines_until(process, r"\[long\] resuming after epoch 1")
+        time.sleep(delay)
+        seconds, output = stop(process, sig)
+        stopped_in.append(seconds)
+        assert process.returncode == 130 and "[long] epoch 2/2" not in output, output
+        assert seconds < STOP_LIMIT_SECONDS and no_outputs("long")
+        assert checkpointed_epochs("long") == 1
+    return stopped_in
+
+
 def test_twenty_interrupts_at_random_moments_stop_in_seconds_and_resume_bit_identically(tmp_path, monkeypatch):
     """17 interrupts of a run of short epochs, each at a random moment from the start of the process
     to a little after its first epoch (imports, building, training, validation, checkpointing), every
@@ -125,23 +149,7 @@ def test_twenty_interrupts_at_random_moments_stop_in_seconds_and_resume_bit_iden
                                       reference):
         np.testing.assert_array_equal(resumed, uninterrupted)
 
-    project(tmp_path / "long", monkeypatch, {"long": LONG}, n_train=LONG_IMAGES)
-    process = start(train_command("long"))
-    epoch_seconds = float(re.match(epoch_ended("long", 1), lines_until(process, epoch_ended("long", 1))[-1])[1])
-    stop(process, signal.SIGTERM)
-    assert checkpointed_epochs("long") == 1 and epoch_seconds > STOP_LIMIT_SECONDS
-    for attempt in range(LONG_INTERRUPTS):
-        sig, delay = rng.choice([signal.SIGINT, signal.SIGTERM]), rng.uniform(0.5, 8.0)
-        print(f"interrupt {SHORT_INTERRUPTS + attempt + 1}, in a {epoch_seconds:.0f} s epoch: "
-              f"{signal.Signals(sig).name} {delay:.2f} s into it")
-        process = start(train_command("long"))
-        lines_until(process, r"\[long\] resuming after epoch 1")
-        time.sleep(delay)
-        seconds, output = stop(process, sig)
-        stopped_in.append(seconds)
-        assert process.returncode == 130 and "[long] epoch 2/2" not in output, output
-        assert seconds < STOP_LIMIT_SECONDS and no_outputs("long")
-        assert checkpointed_epochs("long") == 1
+    stopped_in += interrupts_in_a_long_epoch(tmp_path / "long", monkeypatch, rng)
     print(f"{len(stopped_in)} interrupts, each stopped within {max(stopped_in):.1f} s")
 
 

@@ -1,3 +1,5 @@
+"""params.yaml read and validated (params.py), and the networks the project's variants build from it."""
+
 import re
 from pathlib import Path
 
@@ -6,17 +8,11 @@ import numpy as np
 import pytest
 import yaml
 
-from support import TINY_CONV
-
-from resnet_cifar import optimizers
+from support import PROJECT_PARAMS, TINY_CONV, project_params, tiny_params
+from resnet_cifar import evaluate, train
 from resnet_cifar.models import Network, build_model
 from resnet_cifar.params import ParamsError, backend, data_params, load_params, variant_names, variant_spec
-
-PROJECT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
-
-
-def project_params() -> dict:
-    return yaml.safe_load(PROJECT_PARAMS.read_text())
+from resnet_cifar.stage import StageError
 
 
 def project_model(name: str):
@@ -72,23 +68,6 @@ def test_the_conv_variant_is_airbench_shaped_with_residual_blocks():
     assert shapes == {"stem_whiten_act": (31, 31, 24), "stage1_conv_act": (15, 15, 64), "stage1_block1_out": (15, 15, 64),
                       "stage2_conv_act": (7, 7, 256), "stage3_conv_act": (3, 3, 256), "stage3_block1_out": (3, 3, 256),
                       "probabilities": (10,)}
-
-
-def test_adamw_takes_a_weight_decay():
-    params = project_params()
-    params["variants"]["deeper"] |= {"optimizer": "adamw", "weight_decay": 0.05}
-    built = optimizers.optimizer(variant_spec(params, "deeper"), steps_per_epoch=10)
-    assert isinstance(built, keras.optimizers.AdamW) and built.weight_decay == pytest.approx(0.05)
-
-
-def test_lion_steps_by_the_sign_of_the_gradient_and_decays_the_weights():
-    params = project_params()
-    params["variants"]["deeper"] |= {"optimizer": "lion", "learning_rate": 0.01, "weight_decay": 0.1}
-    built = optimizers.optimizer(variant_spec(params, "deeper"), steps_per_epoch=10)
-    weights = keras.Variable(np.ones(3, np.float32))
-    built.apply_gradients([(np.array([3.0, -0.5, 0.0], np.float32), weights)])
-    decayed = 1 - 0.01 * 0.1
-    np.testing.assert_allclose(weights.numpy(), [decayed - 0.01, decayed + 0.01, decayed], rtol=1e-6)
 
 
 def test_a_single_l2_factor_applies_to_every_transition_dense(tmp_path):
@@ -243,3 +222,14 @@ def test_unreadable_files_are_named(tmp_path):
     broken.write_text("data: [unclosed\n")
     with pytest.raises(ParamsError, match="params.yaml: not valid YAML"):
         load_params(broken)
+
+
+def test_each_stage_validates_params_before_loading_data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = tiny_params()
+    params["variants"]["small"]["widths"] = [16, -1]
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    for stage in (train, evaluate):
+        with pytest.raises(StageError, match=r"variants.small.widths\[1\]: expected a positive integer"):
+            stage.main(["small"])
+    assert variant_spec(load_params(), "deep").widths == (16, 8)

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from cifar_archives import make_archive
-from support import interrupt_at, tiny_params
+from support import interrupt_at, session_processes, tiny_params
 
 PROJECT = Path(__file__).resolve().parents[1]
 BUCKET = "team"
@@ -337,3 +337,31 @@ def test_a_key_the_ssh_server_refuses_stops_a_worker_before_it_trains(ssh, tmp_p
     new_key(tmp_path / "other_key")
     sh(stranger, "dvc", "remote", "modify", "--local", "team", "keyfile", str(tmp_path / "other_key"))
     assert_stops_before_training(stranger, environment | ssh.env, ssh.url)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from Linux's /proc")
+def test_a_worker_asked_to_stop_leaves_no_process_training(tmp_path, environment):
+    """SIGTERM to `python -m resnet_cifar.team train` alone, while the `dvc repro` it started
+    trains: the worker, dvc and the stage end within seconds, with exit code 130."""
+    origin = make_origin(tmp_path, ["dvc", "remote", "add", "-d", "team", str(tmp_path / "remote")])
+    worker = clone(origin, tmp_path / "worker")
+    params = yaml.safe_load((worker / "params.yaml").read_text())
+    params["variants"]["deep"]["epochs"] = 10_000  # trains until it is stopped
+    (worker / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    process = subprocess.Popen([sys.executable, "-m", "resnet_cifar.team", "train", "deep"], cwd=worker,
+                               env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    printed = []
+    for line in process.stdout:
+        printed.append(line)
+        if line.startswith("[deep] epoch 2/"):
+            break
+    else:
+        raise AssertionError("the worker ended without training:\n" + "".join(printed))
+    process.send_signal(signal.SIGTERM)
+    printed.append(process.communicate(timeout=30)[0])
+    assert process.returncode == 130, "".join(printed)
+    deadline = time.monotonic() + 10
+    while session_processes(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not session_processes(process.pid), "".join(printed)
