@@ -204,6 +204,21 @@ def compare_backends(variants: list[str], epochs: int, images: int) -> None:
                                          for backend, s in seconds.items()), flush=True)
 
 
+def timed_paths(x: np.ndarray, y: np.ndarray, stage_spec: VariantSpec, levers: bool) -> dict:
+    """The paths to time, by label: (a) and (b), and with `levers` (b) with each lever changed."""
+    paths = {"(a) assignment: numpy float32, model.fit defaults": lambda: assignment_path(x, y, stage_spec),
+             f"(b) train stage: {stage_spec.precision}, about a second per call": lambda: train_stage_path(x, y, stage_spec)}
+    if levers:
+        float32_spec = dataclasses.replace(stage_spec, precision="float32")
+        paths |= {"(b) in float32": lambda: train_stage_path(x, y, float32_spec),
+                  "(b) with one epoch per call": lambda: train_stage_path(x, y, stage_spec,
+                      steps_per_call=math.ceil(len(x) / stage_spec.batch_size)),
+                  "(b) with one step per call": lambda: train_stage_path(x, y, stage_spec, steps_per_call=1),
+                  "(b) with XLA": lambda: train_stage_path(x, y, stage_spec, xla=True),
+                  "(b) with grappler's remapper on": lambda: with_remapper(lambda: train_stage_path(x, y, stage_spec))}
+    return paths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=5, help="epochs per path (the first is not counted)")
@@ -236,16 +251,7 @@ def main() -> None:
     print(f"baseline model, batch {baseline.batch_size}, {len(x):,} images from {source}, "
           f"{args.epochs} epochs per path")
 
-    paths = {"(a) assignment: numpy float32, model.fit defaults": lambda: assignment_path(x, y, stage_spec),
-             f"(b) train stage: {stage_spec.precision}, about a second per call": lambda: train_stage_path(x, y, stage_spec)}
-    if args.levers:
-        float32_spec = dataclasses.replace(stage_spec, precision="float32")
-        paths |= {"(b) in float32": lambda: train_stage_path(x, y, float32_spec),
-                  "(b) with one epoch per call": lambda: train_stage_path(x, y, stage_spec,
-                      steps_per_call=math.ceil(len(x) / stage_spec.batch_size)),
-                  "(b) with one step per call": lambda: train_stage_path(x, y, stage_spec, steps_per_call=1),
-                  "(b) with XLA": lambda: train_stage_path(x, y, stage_spec, xla=True),
-                  "(b) with grappler's remapper on": lambda: with_remapper(lambda: train_stage_path(x, y, stage_spec))}
+    paths = timed_paths(x, y, stage_spec, args.levers)
     medians = {}
     for label, path in paths.items():
         seconds = path()

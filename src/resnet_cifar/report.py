@@ -185,17 +185,24 @@ def discuss(results: list[Result]) -> list[str]:
     return paragraphs
 
 
+def validation_course(r: Result) -> str:
+    """Where the variant's validation accuracy peaked, and where it ended."""
+    validation = r.history["eval/accuracy"]
+    if r.best_epoch == len(validation):
+        return f"validation accuracy highest in the last epoch, {r.best_epoch}, at {validation[-1]:.4f}"
+    return (f"validation accuracy peaked at {validation.max():.4f} in epoch {r.best_epoch} of {len(validation)} "
+            f"and ended at {validation[-1]:.4f}")
+
+
 def overview(results: list[Result]) -> list[str]:
     best = max(results, key=lambda r: r.test_accuracy)
     most_overfit = max(results, key=lambda r: r.gap)
     lines = [f"Best test accuracy: **{best.spec.name}** with {best.test_accuracy:.4f}."]
     for r in results:
-        validation = r.history["eval/accuracy"]
-        if r.best_epoch < len(validation):
-            lines.append(
-                f"{r.spec.name}: validation accuracy peaked at {validation.max():.4f} in epoch "
-                f"{r.best_epoch} of {len(validation)} and ended at {validation[-1]:.4f}, "
-                f"while train accuracy ended at {r.history['train/accuracy'][-1]:.4f}.")
+        lines.append(f"{r.spec.name}: {validation_course(r)}; train accuracy "
+                     f"{r.history['train/accuracy'][-1]:.4f} on the last epoch's training batches (as trained: "
+                     f"augmented, with dropout), {r.evaluation['train']['accuracy']:.4f} on the training "
+                     "images as evaluated (the table's).")
     lines.append(f"Largest overfitting gap: {most_overfit.spec.name} "
                  f"({_points(most_overfit.gap).lstrip('+')} between train and test accuracy).")
     return lines + families(results)
