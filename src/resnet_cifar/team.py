@@ -1,5 +1,6 @@
 """Training spread over machines that share a DVC remote: the steps of the CI training workflow.
 
+    python -m resnet_cifar.team remote             the default DVC remote, or what to configure
     python -m resnet_cifar.team variants           the variants of params.yaml, as a JSON list
     python -m resnet_cifar.team train VARIANT      train one variant (or restore it), push it to the remote
     python -m resnet_cifar.team collect            restore every variant from the remote without
@@ -17,13 +18,14 @@ import subprocess
 from resnet_cifar.params import load_params, variant_spec
 from resnet_cifar.stage import StageError, run
 
-USAGE = "usage: python -m resnet_cifar.team variants | train VARIANT | collect"
+USAGE = "usage: python -m resnet_cifar.team remote | variants | train VARIANT | collect"
 
 
 def default_remote() -> str:
     """'name (url)' of the project's default remote."""
-    name = subprocess.run(["dvc", "remote", "default"], capture_output=True, text=True).stdout.strip()
-    if not name:
+    asked = subprocess.run(["dvc", "remote", "default"], capture_output=True, text=True)
+    name = asked.stdout.strip()
+    if asked.returncode != 0 or not name:  # DVC 3 says "No default remote set" and exits 1
         raise StageError("no default DVC remote: add the team's with `dvc remote add -d team <url>` "
                          "(README, Scaling out)")
     url = subprocess.run(["dvc", "config", f"remote.{name}.url"], capture_output=True, text=True).stdout.strip()
@@ -84,6 +86,8 @@ def collect() -> None:
 
 def main(argv: list[str]) -> None:
     match argv:
+        case ["remote"]:
+            print(f"default DVC remote: {default_remote()}")
         case ["variants"]:
             print(json.dumps(list(load_params()["variants"])))
         case ["train", variant]:
