@@ -4,6 +4,7 @@
     python bench/bench_train.py --variant conv [--epochs 3] [--images 10000]
     python bench/bench_train.py --variant tuned --input [--epochs 3] [--images 10000]
     python bench/bench_train.py --backends [baseline conv] [--epochs 3] [--images 10000]
+    python bench/bench_train.py --epoch-seconds conv [--epochs 3] [--images 10000]
 
 (a) the assignment's own path: the functional model fed float32 numpy arrays, `model.fit` defaults;
 (b) the `train` stage's path: `train.compiled_model` fed by `batches.TrainingBatches`, at the
@@ -29,7 +30,8 @@ free.
 
 With --backends, times the train stage's path of each named variant on every installed Keras
 backend, side by side (each backend in a process of its own: Keras picks it once, when imported),
-at the precision `auto` resolves to.
+at the precision `auto` resolves to. --epoch-seconds prints that time for one variant on the
+backend of this process: its training steps alone, without the validation pass after each epoch.
 """
 
 import argparse
@@ -228,7 +230,8 @@ def main() -> None:
     parser.add_argument("--input", action="store_true", help="with --variant: the input pipeline's share of an epoch")
     parser.add_argument("--backends", nargs="*", metavar="VARIANT",
                         help="time these variants (default: baseline conv) on every installed backend")
-    parser.add_argument("--epoch-seconds", metavar="VARIANT", help=argparse.SUPPRESS)  # --backends' worker
+    parser.add_argument("--epoch-seconds", metavar="VARIANT",
+                        help="print the seconds of a training epoch of VARIANT (of 50,000 images) here")
     args = parser.parse_args()
     runtime.quiet_graph_optimizer()  # as the train stage
     if args.epoch_seconds:

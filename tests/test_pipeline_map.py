@@ -2,6 +2,7 @@
 any of them reruns the stage and a change to any other does not."""
 
 import ast
+import json
 import re
 import subprocess
 import sys
@@ -77,3 +78,19 @@ def test_the_plot_of_every_variant_lists_every_variant():
     listed = plots["validation accuracy of every variant"]["y"]
     assert listed == {str(curves_path("accuracy", variant)): "validation" for variant in variants}, \
         "dvc.yaml: the plot 'validation accuracy of every variant' must list one file per variant of params.yaml"
+
+
+def test_the_plot_of_every_variant_draws_each_in_its_own_color():
+    """`dvc plots show` of the committed curves: the plot of every variant colors its lines by the
+    variant (named in the legend) and dashes them by revision, for `dvc plots diff`."""
+    [definition] = [plot for plot in yaml.safe_load((PROJECT / "dvc.yaml").read_text())["plots"]
+                    if "validation accuracy of every variant" in plot]
+    shown = subprocess.run([str(Path(sys.executable).parent / "dvc"), "plots", "show", "--json"], cwd=PROJECT,
+                           capture_output=True, text=True, check=True)
+    [plot] = json.loads(shown.stdout)["data"]["validation accuracy of every variant"]
+    spec = plot["content"]
+    assert spec["encoding"]["color"]["field"] == "variant" and spec["encoding"]["strokeDash"]["field"] == "rev"
+    assert spec["transform"] == [{"calculate": "replace(peek(split(datum.filename, '/')), '.csv', '')",
+                                  "as": "variant"}]
+    files = {Path(path).name for path in definition["validation accuracy of every variant"]["y"]}
+    assert {point["filename"] for point in spec["data"]["values"]} == files  # a variant per file
