@@ -116,6 +116,22 @@ def children(pid: int) -> list[int]:
     return processes_where(1, pid)
 
 
+def command_line(pid: int) -> str:
+    """A process's arguments, NUL-separated (empty once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def descendants(pid: int) -> list[int]:
+    """The running processes that `pid` started, and those they started, and so on."""
+    found = children(pid)
+    for child in list(found):
+        found += descendants(child)
+    return found
+
+
 def session_processes(session: int) -> list[int]:
     return processes_where(2, session)
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from cifar_archives import make_archive
-from support import TINY_CONV, interrupt_at, running, tiny_params
+from support import TINY_CONV, command_line, descendants, interrupt_at, running, tiny_params
 
 PROJECT = Path(__file__).resolve().parents[1]
 TINY_PARAMS = tiny_params()
@@ -53,6 +53,7 @@ def repo(tmp_path_factory):
         sh(root, "git", "config", "user.email", "test@example.com")
         sh(root, "git", "config", "user.name", "test")
         sh(root, "dvc", "init", "-q")
+        shutil.copytree(PROJECT / ".dvc" / "plots", root / ".dvc" / "plots")  # the project's plot templates
         sh(root, "git", "add", "-A")
         sh(root, "git", "commit", "-qm", "project")
         sh(root, "dvc", "repro")
@@ -282,8 +283,8 @@ def test_a_stage_ends_with_the_dvc_that_started_it_and_leaves_what_git_tracks(re
         for line in dvc.stdout:
             if line.startswith("[small] epoch 2/10000"):
                 break
-        stages = [pid for pid in os.listdir("/proc") if pid.isdigit() and "resnet_cifar.train\0small" in
-                  Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
+        # the train stage this dvc started, not another test's on another worker
+        stages = [pid for pid in descendants(dvc.pid) if "resnet_cifar.train\0small" in command_line(pid)]
         assert len(stages) == 1
         dvc.terminate()
         dvc.communicate(timeout=30)
