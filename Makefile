@@ -21,7 +21,5 @@ test: $(BIN)/dvc
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -n auto --dist loadfile --no-loadscope-reorder
 
 lock: $(BIN)/dvc
-	$(BIN)/pip install --quiet uv
-	$(BIN)/uv pip compile pyproject.toml --extra test --python-version 3.11 \
-		--python-platform x86_64-manylinux_2_28 --generate-hashes \
+	$(BIN)/uv pip compile pyproject.toml --extra test --universal --python-version 3.11 --generate-hashes \
 		--custom-compile-command "make lock" --quiet -o requirements.lock
