@@ -4,6 +4,7 @@ as on one.
 (Repeatable, bit-identical resumes on JAX: test_resume.py.)"""
 
 import importlib.util
+import json
 import os
 import socket
 import subprocess
@@ -148,3 +149,27 @@ def test_a_job_of_several_processes_that_cannot_start_says_why(tmp_path, monkeyp
     ran = subprocess.run([sys.executable, "-m", "resnet_cifar.train", "small"], capture_output=True, text=True,
                          timeout=300, env=os.environ | environment)
     assert ran.returncode == 1 and message in ran.stderr, ran.stderr
+
+
+# A stage in a process where `import tensorflow` fails, as where TensorFlow is not installed.
+WITHOUT_TENSORFLOW = """
+import importlib
+import sys
+sys.modules["tensorflow"] = None
+from resnet_cifar import stage
+stage.run(importlib.import_module("resnet_cifar." + sys.argv.pop(1)).main)
+"""
+
+
+def test_the_stages_run_on_jax_where_tensorflow_cannot_be_imported(tmp_path, monkeypatch):
+    jax_project(tmp_path / "project", monkeypatch)
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["variants"]["small"] = {"widths": [16]}
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    environment = os.environ | {"KERAS_BACKEND": "jax"}
+    for stage, *args in (("train", "conv"), ("evaluate", "conv"), ("train", "small"), ("evaluate", "small"),
+                         ("report",)):
+        run([sys.executable, "-c", WITHOUT_TENSORFLOW, stage, *args], env=environment)
+    assert yaml.safe_load(paths.timing_path("conv").read_text())["ran_on"]["backend"] == "jax"
+    assert json.loads(paths.live_outputs("conv")[0].read_text())["step"] == 2  # DVCLive's names, as on TensorFlow
+    assert "| conv | conv | [4, 8] |" in paths.REPORT_MD.read_text()
