@@ -2,6 +2,7 @@
 interrupt and watch."""
 
 import copy
+import importlib.util
 import os
 import signal
 import subprocess
@@ -17,6 +18,15 @@ from resnet_cifar.models import Network, build_model
 from resnet_cifar.params import variant_spec
 
 PROJECT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def load_tasks():
+    """tasks.py, the README's commands, as a module: it sits beside the package, not in it."""
+    spec = importlib.util.spec_from_file_location("tasks", PROJECT_PARAMS.parent / "tasks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 TINY_PARAMS = {
     "seed": 0,

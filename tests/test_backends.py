@@ -151,11 +151,18 @@ def test_a_job_of_several_processes_that_cannot_start_says_why(tmp_path, monkeyp
     assert ran.returncode == 1 and message in ran.stderr, ran.stderr
 
 
-# A stage in a process where `import tensorflow` fails, as where TensorFlow is not installed.
+# A stage in a process where `import tensorflow` fails, as where TensorFlow is not installed. (Not
+# sys.modules["tensorflow"] = None: Keras takes a name in sys.modules for TensorFlow being imported.)
 WITHOUT_TENSORFLOW = """
 import importlib
 import sys
-sys.modules["tensorflow"] = None
+
+class NoTensorFlow:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "tensorflow":
+            raise ModuleNotFoundError("No module named 'tensorflow'", name=name)
+
+sys.meta_path.insert(0, NoTensorFlow())
 from resnet_cifar import stage
 stage.run(importlib.import_module("resnet_cifar." + sys.argv.pop(1)).main)
 """

@@ -1,16 +1,15 @@
 """tasks.py, the README's commands with or without `make`: it sets .venv up from the lock only when
 the lock or pyproject.toml is newer than the set-up, and make runs it."""
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from support import load_tasks
+
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = importlib.util.spec_from_file_location("tasks", ROOT / "tasks.py")
-tasks = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(tasks)
+tasks = load_tasks()
 
 
 def test_the_environment_is_set_up_again_only_after_the_lock_or_pyproject_changes(tmp_path, monkeypatch):
