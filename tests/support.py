@@ -10,6 +10,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pytest
 import yaml
 
 from cifar_archives import make_archive
@@ -18,6 +19,11 @@ from resnet_cifar.models import Network, build_model
 from resnet_cifar.params import variant_spec
 
 PROJECT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+# The torch backend, in tests parametrized by backend: PyTorch is not in requirements.lock (PyPI's
+# build for Linux is the CUDA one, gigabytes); .ci/run installs the CPU build where it is at hand.
+TORCH = pytest.param("torch", marks=pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                                                    reason="PyTorch is not installed here (README: Backends and GPUs)"))
 
 
 def load_tasks():
@@ -82,10 +88,12 @@ TINY_CONV = {"widths": [4, 8], "arch": "conv", "stem": "whiten", "blocks": [1, 1
              "precision": "float32"}  # bfloat16 convolutions are emulated, ~10x slower, without AVX-512 BF16
 
 
-def interrupt_at(command: list[str], line_start: str, sig: int = signal.SIGKILL,
+def interrupt_at(command: list[str], line_start: str, sig: int | None = None,
                  cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `command`, send `sig` to it (and its children) once it prints a line starting with
-    `line_start`; return its exit code and everything it printed (as `stdout`)."""
+    """Run `command`, send `sig` (SIGKILL unless given) to it and its children once it prints a
+    line starting with `line_start`; return its exit code and everything it printed (as `stdout`).
+    POSIX only (the tests that kill are marked slow, which Windows does not run): SIGKILL is not
+    named on Windows, hence no default in the signature, where it would fail every import there."""
     # Ctrl-C must reach the command even when the tests run as a background job, which ignores it.
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -96,7 +104,7 @@ def interrupt_at(command: list[str], line_start: str, sig: int = signal.SIGKILL,
             break
     else:
         raise AssertionError(f"{' '.join(command)} ended without printing {line_start!r}:\n{''.join(printed)}")
-    os.killpg(process.pid, sig)
+    os.killpg(process.pid, sig or signal.SIGKILL)
     printed.append(process.communicate(timeout=60)[0])
     return subprocess.CompletedProcess(command, process.returncode, "".join(printed))
 

@@ -1,9 +1,8 @@
-"""The stages on another Keras backend than TensorFlow: JAX trains the same variants, its models
-load and predict alike on TensorFlow, and it trains one model on two devices, or in two processes,
-as on one.
-(Repeatable, bit-identical resumes on JAX: test_resume.py.)"""
+"""The stages on other Keras backends than TensorFlow: JAX and PyTorch (where it is installed)
+train the same variants, with TensorFlow absent too, and their models predict alike on TensorFlow
+and back; JAX trains one model on two devices, or in two processes, as on one.
+(Repeatable, bit-identical resumes on each backend: test_resume.py.)"""
 
-import importlib.util
 import json
 import os
 import socket
@@ -16,17 +15,17 @@ import numpy as np
 import pytest
 import yaml
 
-from support import TINY_CONV, setup_project
+from support import TINY_CONV, TORCH, setup_project
 from resnet_cifar import datasets, paths, prepare  # models: registers the custom layers to load
 
 pytestmark = pytest.mark.slow
 
 
-def jax_project(project: Path, monkeypatch, **train_overrides) -> None:
-    """cwd = a prepared project on the JAX backend with the tiny conv variant (batch norm,
-    patch whitening, every fast-training ingredient)."""
+def backend_project(project: Path, monkeypatch, backend: str = "jax", **train_overrides) -> None:
+    """cwd = a prepared project on `backend` with the tiny conv variant (batch norm, patch
+    whitening, every fast-training ingredient)."""
     project.mkdir(exist_ok=True)
-    setup_project(project, monkeypatch, "cifar-10-binary", n_train=300, epochs=3, backend="jax", **train_overrides)
+    setup_project(project, monkeypatch, "cifar-10-binary", n_train=300, epochs=3, backend=backend, **train_overrides)
     prepare.main([])
     params = yaml.safe_load(Path("params.yaml").read_text())
     params["variants"] = {"conv": TINY_CONV | {"learning_rate": 0.005}}
@@ -39,7 +38,7 @@ def run(command: list[str], env: dict | None = None) -> str:
     return ran.stdout
 
 
-PREDICT_ON_JAX = """
+PREDICT = """
 import sys
 import keras
 import numpy as np
@@ -49,21 +48,53 @@ np.save(sys.argv[3], model.predict(np.load(sys.argv[2]), verbose=0))
 """
 
 
-def test_a_model_trained_on_jax_predicts_as_it_does_on_tensorflow(tmp_path, monkeypatch):
-    jax_project(tmp_path / "project", monkeypatch)
-    assert "on jax" in run([sys.executable, "-m", "resnet_cifar.train", "conv"])
-    assert keras.backend.backend() == "tensorflow"  # this process: the model is loaded on another backend
-    record = yaml.safe_load(paths.timing_path("conv").read_text())["ran_on"]
-    assert record["backend"] == "jax" and record["jax"]
-    images = datasets.load_prepared()["x_test"]
-    np.save(tmp_path / "images.npy", images)
-    run([sys.executable, "-c", PREDICT_ON_JAX, str(paths.model_path("conv")), str(tmp_path / "images.npy"),
-         str(tmp_path / "on_jax.npy")], env=os.environ | {"KERAS_BACKEND": "jax"})
-    on_tensorflow = keras.models.load_model(paths.model_path("conv"), compile=False).predict(images, verbose=0)
-    np.testing.assert_allclose(on_tensorflow, np.load(tmp_path / "on_jax.npy"), rtol=1e-5, atol=1e-6)
+def predicted(model: Path, images: Path, backend: str) -> np.ndarray:
+    """`model`'s predictions of `images` (.npy) in a process on `backend`."""
+    run([sys.executable, "-c", PREDICT, str(model), str(images), str(images.with_suffix(f".{backend}.npy"))],
+        env=os.environ | {"KERAS_BACKEND": backend})
+    return np.load(images.with_suffix(f".{backend}.npy"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="PyTorch is installed here")
+@pytest.mark.parametrize("backend", ["jax", TORCH])
+def test_a_model_trained_on_one_backend_predicts_alike_on_tensorflow_and_the_other(tmp_path, monkeypatch, backend):
+    backend_project(tmp_path / "project", monkeypatch, backend)
+    images = tmp_path / "images.npy"
+    np.save(images, datasets.load_prepared()["x_test"])
+    for trained_on in (backend, "tensorflow"):
+        params = yaml.safe_load(Path("params.yaml").read_text())
+        params["train"]["backend"] = trained_on
+        Path("params.yaml").write_text(yaml.safe_dump(params))
+        assert f"on {trained_on}" in run([sys.executable, "-m", "resnet_cifar.train", "conv"])
+        record = yaml.safe_load(paths.timing_path("conv").read_text())["ran_on"]
+        assert record["backend"] == trained_on and record[trained_on]
+        np.testing.assert_allclose(predicted(paths.model_path("conv"), images, "tensorflow"),
+                                   predicted(paths.model_path("conv"), images, backend), rtol=1e-5, atol=1e-6)
+
+
+# A stage (argv: the module to hide, the stage, its arguments) in a process where that module can be
+# neither imported nor found, as where it is not installed. (Not sys.modules[name] = None: Keras
+# takes "tensorflow" in sys.modules for TensorFlow imported.)
+WITHOUT = """
+import importlib
+import importlib.util
+import sys
+hidden = sys.argv.pop(1)
+
+
+class Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == hidden:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+sys.meta_path.insert(0, Hide())
+find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: None if name == hidden else find_spec(name, package)
+from resnet_cifar import stage
+stage.run(importlib.import_module("resnet_cifar." + sys.argv.pop(1)).main)
+"""
+
+
 @pytest.mark.parametrize("backend, message", [
     ("torch", "params.yaml: train.backend: torch is not installed here; install it (`pip install torch`"),
     ("theano", "params.yaml: train.backend: expected one of tensorflow, jax, torch, got 'theano'")])
@@ -71,7 +102,7 @@ def test_a_backend_that_is_unknown_or_not_installed_stops_the_stage_naming_the_k
                                                                                     message):
     setup_project(tmp_path, monkeypatch, "cifar-10-binary", backend=backend)
     for stage in ("train", "evaluate"):
-        ran = subprocess.run([sys.executable, "-m", f"resnet_cifar.{stage}", "small"], capture_output=True,
+        ran = subprocess.run([sys.executable, "-c", WITHOUT, "torch", stage, "small"], capture_output=True,
                              text=True, timeout=300)
         assert ran.returncode == 1 and message in ran.stderr, ran.stderr
 
@@ -97,7 +128,7 @@ def test_two_jax_devices_train_as_one_does_with_the_same_global_batch(tmp_path, 
     trained = {}
     for n in (1, 2):
         project = tmp_path / f"on{n}"
-        jax_project(project, monkeypatch)
+        backend_project(project, monkeypatch)
         printed = run([sys.executable, "-c", ON_HOST_DEVICES, str(n), "conv"],
                       env=os.environ | {"KERAS_BACKEND": "jax"})
         assert f"training in float32 on {', '.join(['cpu:0', 'cpu:1'][:n])}, Keras" in printed
@@ -116,9 +147,9 @@ def test_two_jax_processes_train_one_model_as_one_process_does(tmp_path, monkeyp
     """Two processes on 127.0.0.1 as one data-parallel job (JAX's distributed runtime, the CPUs'
     collectives over TCP): process 0 writes what a single process writes, the same weights."""
     alone, job = tmp_path / "alone", tmp_path / "job"
-    jax_project(alone, monkeypatch)
+    backend_project(alone, monkeypatch)
     run([sys.executable, "-m", "resnet_cifar.train", "conv"])
-    jax_project(job, monkeypatch)
+    backend_project(job, monkeypatch)
     address = f"127.0.0.1:{free_port()}"
     processes = [subprocess.Popen([sys.executable, "-m", "resnet_cifar.train", "conv"], stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True,
@@ -151,32 +182,16 @@ def test_a_job_of_several_processes_that_cannot_start_says_why(tmp_path, monkeyp
     assert ran.returncode == 1 and message in ran.stderr, ran.stderr
 
 
-# A stage in a process where `import tensorflow` fails, as where TensorFlow is not installed. (Not
-# sys.modules["tensorflow"] = None: Keras takes a name in sys.modules for TensorFlow being imported.)
-WITHOUT_TENSORFLOW = """
-import importlib
-import sys
-
-class NoTensorFlow:
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == "tensorflow":
-            raise ModuleNotFoundError("No module named 'tensorflow'", name=name)
-
-sys.meta_path.insert(0, NoTensorFlow())
-from resnet_cifar import stage
-stage.run(importlib.import_module("resnet_cifar." + sys.argv.pop(1)).main)
-"""
-
-
-def test_the_stages_run_on_jax_where_tensorflow_cannot_be_imported(tmp_path, monkeypatch):
-    jax_project(tmp_path / "project", monkeypatch)
+@pytest.mark.parametrize("backend", ["jax", TORCH])
+def test_the_stages_run_on_jax_or_torch_where_tensorflow_cannot_be_imported(tmp_path, monkeypatch, backend):
+    backend_project(tmp_path / "project", monkeypatch, backend)
     params = yaml.safe_load(Path("params.yaml").read_text())
     params["variants"]["small"] = {"widths": [16]}
     Path("params.yaml").write_text(yaml.safe_dump(params))
-    environment = os.environ | {"KERAS_BACKEND": "jax"}
+    environment = os.environ | {"KERAS_BACKEND": backend}
     for stage, *args in (("train", "conv"), ("evaluate", "conv"), ("train", "small"), ("evaluate", "small"),
                          ("report",)):
-        run([sys.executable, "-c", WITHOUT_TENSORFLOW, stage, *args], env=environment)
-    assert yaml.safe_load(paths.timing_path("conv").read_text())["ran_on"]["backend"] == "jax"
+        run([sys.executable, "-c", WITHOUT, "tensorflow", stage, *args], env=environment)
+    assert yaml.safe_load(paths.timing_path("conv").read_text())["ran_on"]["backend"] == backend
     assert json.loads(paths.live_outputs("conv")[0].read_text())["step"] == 2  # DVCLive's names, as on TensorFlow
     assert "| conv | conv | [4, 8] |" in paths.REPORT_MD.read_text()

@@ -56,6 +56,15 @@ def dataset_of(fmt: str) -> str:
     return "cifar100" if fmt.startswith("cifar-100") else "cifar10"
 
 
+def downloaded(fmt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Archive:
+    """A generated archive of `fmt`, which the download stage has read."""
+    write_params(dataset_of(fmt))
+    archive = make_archive(tmp_path, fmt)
+    use(archive, monkeypatch)
+    download.main([])
+    return archive
+
+
 def assert_nothing_written() -> None:
     raw = Path("data/raw")
     assert not raw.exists() or not any(raw.iterdir()), list(raw.iterdir())
@@ -95,10 +104,7 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_writes_arrays_labels_and_classes_in_official_order(fmt: str, tmp_path: Path, monkeypatch) -> None:
-    write_params(dataset_of(fmt))
-    archive = make_archive(tmp_path, fmt)
-    use(archive, monkeypatch)
-    download.main([])
+    archive = downloaded(fmt, tmp_path, monkeypatch)
 
     raw = datasets.load_raw(paths.raw_path(dataset_of(fmt)))
     for key in ("x_train", "y_train", "x_test", "y_test"):
@@ -118,10 +124,7 @@ def test_writes_arrays_labels_and_classes_in_official_order(fmt: str, tmp_path: 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_pixels_are_hwc_of_the_official_chw_planes(fmt: str, tmp_path: Path, monkeypatch) -> None:
     """Read the first training record straight from the archive, as the CIFAR page documents it."""
-    write_params(dataset_of(fmt))
-    archive = make_archive(tmp_path, fmt)
-    use(archive, monkeypatch)
-    download.main([])
+    archive = downloaded(fmt, tmp_path, monkeypatch)
     first_member = sorted(name for name in archive.md5s if "test" not in name)[0]
     with tarfile.open(archive.path) as tar:
         member = tar.extractfile(first_member).read()

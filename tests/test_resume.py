@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from support import EVERY_INGREDIENT, interrupt_at, setup_project
+from support import EVERY_INGREDIENT, TORCH, interrupt_at, setup_project
 from resnet_cifar import paths, prepare, train
 
 EPOCHS = 6
@@ -36,7 +36,7 @@ def weights(project: Path, variant: str) -> list[np.ndarray]:
     return keras.models.load_model(project / paths.model_path(variant)).get_weights()
 
 
-@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+@pytest.mark.parametrize("backend", ["tensorflow", "jax", TORCH])
 def test_killed_training_resumes_and_ends_as_an_uninterrupted_run(tmp_path, monkeypatch, backend):
     """The dense variant with every ingredient on (dropout, mixup, augmentation, schedule, weight
     averaging), so that their random and running states survive the restart, on each backend the

@@ -1,6 +1,7 @@
 """The train stage (train.py) on small generated archives, in-process and as a process."""
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -102,6 +103,7 @@ def test_corrupt_inputs_name_the_file_and_the_fix(tmp_path, monkeypatch):
             evaluate.main(["small"])
 
 
+@pytest.mark.skipif(os.name == "nt", reason="sends the signal to a POSIX process group")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_during_training_leaves_no_output(tmp_path, monkeypatch, sig):
     setup_project(tmp_path, monkeypatch, "cifar-10-binary", epochs=10_000)

@@ -1,7 +1,7 @@
 """The train stage's checkpoint, and model files that are the same bytes for the same weights.
 
-After every epoch the model, the optimizer, the dropout RNG states and the history are saved to
-.dvc/tmp/checkpoints/<variant>/. A killed run resumes from there only if it was made from the same
+After every epoch the model, the optimizer, the dropout RNG states (and PyTorch's global one) and
+the history are saved to .dvc/tmp/checkpoints/<variant>/. A killed run resumes from there only if it was made from the same
 params, data, code and library versions; otherwise it starts over and says what changed.
 """
 
@@ -18,7 +18,7 @@ import keras
 import numpy as np
 
 from resnet_cifar.params import VariantSpec
-from resnet_cifar.runtime import versions
+from resnet_cifar.runtime import global_random_state, restore_global_random_state, versions
 from resnet_cifar.stage import atomic_path
 
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest a zip file can hold
@@ -117,12 +117,24 @@ class Checkpoint(keras.callbacks.Callback):
         super().__init__()
         self.directory, self.state = directory, state
 
+    def on_train_begin(self, logs=None):
+        saved = self.directory / "global_random_state.npy"
+        self.resumed_random_state = np.load(saved) if self.state.history and saved.is_file() else None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # At the first batch, not when the checkpoint is loaded: PyTorch's data loader draws from the
+        # global generator as `fit` starts its batches, which an uninterrupted run did before its first epoch.
+        if self.resumed_random_state is not None:
+            restore_global_random_state(self.resumed_random_state)
+            self.resumed_random_state = None
+
     def on_epoch_end(self, epoch, logs=None):
         self.state.history.append({name: float(value) for name, value in (logs or {}).items()})
         with atomic_path(self.directory) as tmp:
             tmp.mkdir()
             self.model.save(tmp / "model.keras")
             np.save(tmp / "seed_states.npy", np.array([v.numpy() for v in seed_states(self.model)]))
+            np.save(tmp / "global_random_state.npy", global_random_state())
             (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(self.state)))
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from resnet_cifar.params import BACKENDS
 from resnet_cifar.stage import StageError
@@ -215,8 +216,9 @@ def steps_per_call(steps_per_epoch: int, step_seconds: Callable[[], float], repl
     which keeps Python's per-call overhead small and brings a boundary (a stop request, the
     progress line: progress.py) that often. One on several devices (Keras 3 fails otherwise under
     TensorFlow's replicas: keras-team/keras#19246; on JAX a prediction before `fit` would drop the
-    sharded state) and in a job of several processes (whose calls must match)."""
-    if process_count() > 1 or replicas > 1:
+    sharded state), in a job of several processes (whose calls must match) and on PyTorch (whose
+    steps run from Python one by one: Keras allows no more there)."""
+    if BACKEND == "torch" or process_count() > 1 or replicas > 1:
         return 1
     most = max(1, min(steps_per_epoch, int(CALL_SECONDS / step_seconds())))
     # A divisor of the epoch's steps: Keras's last call of an epoch would otherwise run on into
@@ -237,6 +239,19 @@ def seed_everything(seed: int) -> None:
         tf.config.experimental.enable_op_determinism()
     elif BACKEND == "torch":
         torch.use_deterministic_algorithms(True)
+
+
+def global_random_state() -> np.ndarray:
+    """The backend's global generator, which PyTorch's dropout draws from (Keras's seed generators
+    hold the other backends' random state, and PyTorch's where a layer was given a seed); empty
+    elsewhere. A checkpoint keeps it, for resumes that end as an uninterrupted run."""
+    return torch.get_rng_state().numpy() if BACKEND == "torch" else np.zeros(0, np.uint8)
+
+
+def restore_global_random_state(state: np.ndarray) -> None:
+    """Put back what `global_random_state` returned."""
+    if BACKEND == "torch":
+        torch.set_rng_state(torch.from_numpy(state))
 
 
 def quiet_graph_optimizer() -> None:
