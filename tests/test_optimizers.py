@@ -2,6 +2,9 @@
 
 import dataclasses
 import math
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -71,3 +74,71 @@ def test_lion_steps_by_the_sign_of_the_gradient_and_decays_the_weights():
     built.apply_gradients([(np.array([3.0, -0.5, 0.0], np.float32), weights)])
     decayed = 1 - 0.01 * 0.1
     np.testing.assert_allclose(weights.numpy(), [decayed - 0.01, decayed + 0.01, decayed], rtol=1e-6)
+
+
+def newton_schulz_reference(matrix: np.ndarray) -> np.ndarray:
+    """airbench94_muon's zeropower_via_newtonschulz5, in NumPy and float64."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = matrix.T if matrix.shape[0] > matrix.shape[1] else matrix
+    x = x / (np.linalg.norm(x) + 1e-7)
+    for _ in range(3):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if matrix.shape[0] > matrix.shape[1] else x
+
+
+def muon_reference(kernel: np.ndarray, gradients: list[np.ndarray], learning_rate: float) -> np.ndarray:
+    """airbench94_muon's Muon.step on a PyTorch filter bank (filters, channels, height, width), from
+    a Keras kernel (height, width, channels, filters), one step per gradient."""
+    weights, momentum = kernel.transpose(3, 2, 0, 1).astype(np.float64), 0
+    for gradient in gradients:
+        gradient = gradient.transpose(3, 2, 0, 1)
+        momentum = 0.6 * momentum + gradient
+        update = gradient + 0.6 * momentum
+        weights = weights * len(weights) ** 0.5 / np.linalg.norm(weights)
+        weights = weights - learning_rate * newton_schulz_reference(update.reshape(len(update), -1)).reshape(
+            update.shape)
+    return weights.transpose(2, 3, 1, 0)
+
+
+# Two steps of optimizer `muon` on a filter bank (and a bias, which takes Nesterov SGD's step), on
+# the backend of the process; prints the weights after them.
+MUON_STEPS = """
+import sys
+import keras
+import numpy as np
+from resnet_cifar import optimizers
+rng = np.random.default_rng(0)
+kernel = keras.Variable(rng.normal(size=(3, 3, 2, 5)).astype("float32"), name="kernel")
+bias = keras.Variable(np.ones(5, "float32"), name="bias")
+optimizer = optimizers.SGD(1.0, (), 0.5, (kernel.path,), learning_rate=0.4, momentum=0.9, nesterov=True)
+for step in range(2):
+    optimizer.apply_gradients([(rng.normal(size=(3, 3, 2, 5)).astype("float32"), kernel),
+                               (np.full(5, 0.5, "float32"), bias)])
+np.save(sys.argv[1], np.concatenate([kernel.numpy().ravel(), bias.numpy()]))
+"""
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_muon_steps_filters_as_airbench_does_and_the_rest_as_nesterov_sgd(tmp_path, backend):
+    subprocess.run([sys.executable, "-c", MUON_STEPS, str(tmp_path / "after.npy")], check=True, timeout=300,
+                   env=os.environ | {"KERAS_BACKEND": backend})
+    after = np.load(tmp_path / "after.npy")
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=(3, 3, 2, 5))
+    gradients = [rng.normal(size=(3, 3, 2, 5)).astype("float32") for _ in range(2)]
+    np.testing.assert_allclose(after[:-5].reshape(3, 3, 2, 5), muon_reference(kernel, gradients, 0.4 * 0.5),
+                               rtol=1e-4, atol=1e-5)
+    # Nesterov SGD: m = 0.9 m - lr g; w += 0.9 m - lr g.
+    first = 0.9 * -0.2 - 0.2
+    second = 0.9 * (0.9 * -0.2 - 0.2) - 0.2
+    np.testing.assert_allclose(after[-5:], 1 + first + second, rtol=1e-6)
+
+
+def test_filter_paths_are_the_trainable_convolution_kernels():
+    model = built([4, 8], 3, input_shape=(8, 8, 3), arch="conv", blocks=1, stem="whiten", downsample="pool",
+                  norm="batch")
+    convolutions = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert optimizers.filter_paths(model) == tuple(layer.kernel.path for layer in convolutions
+                                                    if layer.kernel.trainable)
+    assert len(optimizers.filter_paths(model)) == 6  # the stems and the blocks' two each; whitening is fixed

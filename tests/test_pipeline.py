@@ -20,7 +20,8 @@ from support import TINY_CONV, command_line, descendants, interrupt_at, running,
 
 PROJECT = Path(__file__).resolve().parents[1]
 TINY_PARAMS = tiny_params()
-TINY_PARAMS["variants"]["conv"] = TINY_CONV | {"epochs": 4}
+# Muon for its filters: their updates and momentum go through the pipeline's kill-and-resume test too.
+TINY_PARAMS["variants"]["conv"] = TINY_CONV | {"epochs": 4, "optimizer": "muon", "muon_lr_factor": 0.5}
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,7 @@
 """The train stage's optimizers and learning-rate schedule, in Keras alone (the same on every
 backend): Adam, AdamW, Lion or SGD (plain or Nesterov, with a larger step for the norm layers'
-weights), decoupled weight decay, an average of the weights, and a linear warm-up followed by
-constant, cosine or linear decay.
+weights; or Muon for the convolution filters), decoupled weight decay, an average of the weights,
+and a linear warm-up followed by constant, cosine or linear decay.
 """
 
 import math
@@ -12,6 +12,12 @@ from keras import ops
 from resnet_cifar.params import VariantSpec
 
 NESTEROV_MOMENTUM = 0.9  # optimizer `nesterov`: SGD with this Nesterov momentum (He et al., Page)
+# optimizer `muon`, as airbench94_muon trains its filters: Nesterov momentum 0.6, and 3 steps of
+# the quintic Newton-Schulz iteration whose coefficients maximize its slope at zero (it maps the
+# singular values to about 0.5-1.5 rather than exactly 1, which trains as well, in fewer steps).
+MUON_MOMENTUM = 0.6
+NEWTON_SCHULZ_STEPS = 3
+NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 @keras.saving.register_keras_serializable(package="resnet_cifar")
@@ -43,27 +49,63 @@ def learning_rate(spec: VariantSpec, steps_per_epoch: int) -> float | WarmupThen
                            spec.epochs * steps_per_epoch, spec.schedule)
 
 
+def orthogonalized(matrix):
+    """About the nearest semi-orthogonal matrix to `matrix` (U V^T of its SVD U S V^T, with the
+    singular values only brought near 1): the Newton-Schulz iteration, on the wide orientation."""
+    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
+    tall = matrix.shape[0] > matrix.shape[1]
+    x = ops.transpose(matrix) if tall else matrix
+    x = x / (ops.norm(x) + 1e-7)  # every singular value at most 1, where the iteration converges
+    for _ in range(NEWTON_SCHULZ_STEPS):
+        gram = ops.matmul(x, ops.transpose(x))
+        x = a * x + ops.matmul(b * gram + c * ops.matmul(gram, gram), x)
+    return ops.transpose(x) if tall else x
+
+
 @keras.saving.register_keras_serializable(package="resnet_cifar")
 class SGD(keras.optimizers.SGD):
     """Keras's SGD, whose steps for the weights at `boosted_paths` (the norm layers' offsets and
     scales) are `factor` times larger (airbench's 64: batch norm's offsets learn slowly otherwise);
-    their weight decay stays the other weights'."""
+    their weight decay stays the other weights'. With `muon_paths` (convolution filters), those
+    take Muon's steps instead (`muon_step`), `muon_factor` times the learning rate."""
 
-    def __init__(self, factor: float = 1.0, boosted_paths: tuple[str, ...] = (), **kwargs):
+    def __init__(self, factor: float = 1.0, boosted_paths: tuple[str, ...] = (), muon_factor: float = 1.0,
+                 muon_paths: tuple[str, ...] = (), **kwargs):
         super().__init__(**kwargs)
         self.factor, self.boosted_paths = factor, tuple(boosted_paths)
+        self.muon_factor, self.muon_paths = muon_factor, tuple(muon_paths)
 
     def build(self, variables):
         super().build(variables)
         self.boosted = [variable.path in self.boosted_paths for variable in variables]
+        self.muon = [variable.path in self.muon_paths for variable in variables]
 
     def update_step(self, gradient, variable, learning_rate):
-        if self.boosted[self._get_variable_index(variable)]:
+        index = self._get_variable_index(variable)
+        if self.muon[index]:
+            # Its momentum (Muon's own) in SGD's slot for the variable, which SGD leaves unused then.
+            self.muon_step(gradient, variable, learning_rate * self.muon_factor, self.momentums[index])
+            return
+        if self.boosted[index]:
             learning_rate = learning_rate * self.factor
         super().update_step(gradient, variable, learning_rate)
 
+    def muon_step(self, gradient, variable, learning_rate, momentum):
+        """Muon (Jordan et al. 2024), as airbench94_muon applies it to a filter bank: Nesterov
+        momentum, the weights rescaled to a norm of sqrt(filters) (so that weight decay has nothing
+        to do), then a step along the orthogonalized update of the bank as a matrix (one row per
+        filter; the order of its columns does not change the result)."""
+        gradient = ops.cast(gradient, variable.dtype)
+        self.assign(momentum, MUON_MOMENTUM * momentum + gradient)
+        update = gradient + MUON_MOMENTUM * momentum
+        filters = variable.shape[-1]
+        self.assign(variable, variable * (filters ** 0.5 / ops.norm(ops.reshape(variable, (-1,)))))
+        step = ops.reshape(orthogonalized(ops.reshape(update, (-1, filters))), variable.shape)
+        self.assign_sub(variable, ops.cast(learning_rate, variable.dtype) * step)
+
     def get_config(self):
-        return super().get_config() | {"factor": self.factor, "boosted_paths": list(self.boosted_paths)}
+        return super().get_config() | {"factor": self.factor, "boosted_paths": list(self.boosted_paths),
+                                       "muon_factor": self.muon_factor, "muon_paths": list(self.muon_paths)}
 
 
 def norm_weight_paths(model: keras.Model) -> tuple[str, ...]:
@@ -72,9 +114,16 @@ def norm_weight_paths(model: keras.Model) -> tuple[str, ...]:
     return tuple(weight.path for layer in model.layers if isinstance(layer, norms) for weight in layer.trainable_weights)
 
 
-def optimizer(spec: VariantSpec, steps_per_epoch: int, norm_paths: tuple[str, ...] = ()) -> keras.optimizers.Optimizer:
+def filter_paths(model: keras.Model) -> tuple[str, ...]:
+    """The paths of the model's trainable convolution filters (4-D kernels)."""
+    return tuple(weight.path for weight in model.trainable_weights if len(weight.shape) == 4)
+
+
+def optimizer(spec: VariantSpec, steps_per_epoch: int, norm_paths: tuple[str, ...] = (),
+              filters: tuple[str, ...] = ()) -> keras.optimizers.Optimizer:
     """The variant's optimizer; weight decay is decoupled (Keras's), EMA is Keras's weight average.
-    SGD's steps for the weights at `norm_paths` are norm_lr_factor times larger."""
+    SGD's steps for the weights at `norm_paths` are norm_lr_factor times larger; muon's for the
+    `filters` are Muon's, at muon_lr_factor times the rate, and Nesterov SGD's for the rest."""
     common = {"learning_rate": learning_rate(spec, steps_per_epoch), "weight_decay": spec.weight_decay or None}
     if spec.ema:  # the model ends training with the averaged weights
         common |= {"use_ema": True, "ema_momentum": spec.ema}
@@ -86,4 +135,7 @@ def optimizer(spec: VariantSpec, steps_per_epoch: int, norm_paths: tuple[str, ..
         return keras.optimizers.Lion(**common)
     if spec.optimizer == "nesterov":
         return SGD(spec.norm_lr_factor, norm_paths, momentum=NESTEROV_MOMENTUM, nesterov=True, **common)
+    if spec.optimizer == "muon":
+        return SGD(spec.norm_lr_factor, norm_paths, spec.muon_lr_factor, filters, momentum=NESTEROV_MOMENTUM,
+                   nesterov=True, **common)
     return SGD(spec.norm_lr_factor, norm_paths, **common)

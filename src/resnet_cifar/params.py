@@ -177,9 +177,10 @@ class VariantSpec:
     # the optimization
     epochs: int = key(positive_int)
     batch_size: int = key(positive_int)
-    optimizer: str = key(choice("adam", "adamw", "lion", "sgd", "nesterov"))
+    optimizer: str = key(choice("adam", "adamw", "lion", "sgd", "nesterov", "muon"))
     learning_rate: float = key(number(0.0, low_open=True))  # the peak, after warm-up
     norm_lr_factor: float = key(number(0.0, low_open=True))  # sgd: the norm layers' learning rate factor
+    muon_lr_factor: float = key(number(0.0, low_open=True))  # muon: the convolution filters' learning rate factor
     weight_decay: float = key(number(0.0))  # decoupled: w -= lr * weight_decay * w
     warmup_epochs: int = key(int_in(0, 1_000_000, "an integer in [0, epochs)"))
     schedule: str = key(choice("constant", "cosine", "linear"))
@@ -197,8 +198,8 @@ VARIANT_KEYS = tuple(f.name for f in fields(VariantSpec) if f.metadata)
 # pull request's), and backend is the one Keras backend of every stage (Keras picks it once, when
 # imported), so those two are the shared section's alone.
 TRAIN_KEYS = tuple(name for name in VARIANT_KEYS if name != "widths") + ("max_epochs", "backend")
-WEIGHT_DECAY_OPTIMIZERS = ("adamw", "lion", "sgd", "nesterov")
-SGD_OPTIMIZERS = ("sgd", "nesterov")
+WEIGHT_DECAY_OPTIMIZERS = ("adamw", "lion", "sgd", "nesterov", "muon")
+SGD_OPTIMIZERS = ("sgd", "nesterov", "muon")
 DENSE_ONLY = {"expansion": 1.0, "dropout": 0.0}  # and l2: each with its value that means "off"
 
 
@@ -282,8 +283,14 @@ def variant_spec(params: dict, name: str) -> VariantSpec:
         _fail(where["weight_decay"], f"0 with optimizer {values['optimizer']} (its weight decay is decoupled: "
               f"{', '.join(WEIGHT_DECAY_OPTIMIZERS)})", values["weight_decay"])
     if values["norm_lr_factor"] != 1 and values["optimizer"] not in SGD_OPTIMIZERS:
-        _fail(where["norm_lr_factor"], f"1 with optimizer {values['optimizer']} (the factor is sgd's and nesterov's)",
+        _fail(where["norm_lr_factor"], f"1 with optimizer {values['optimizer']} (the factor is sgd's, nesterov's and muon's)",
               values["norm_lr_factor"])
+    if values["muon_lr_factor"] != 1 and values["optimizer"] != "muon":
+        _fail(where["muon_lr_factor"], f"1 with optimizer {values['optimizer']} (the factor is muon's)",
+              values["muon_lr_factor"])
+    if values["optimizer"] == "muon" and values["arch"] != "conv":
+        _fail(where["optimizer"], "one of adam, adamw, lion, sgd, nesterov with arch dense (muon trains "
+              "convolution filters)", values["optimizer"])
     if values["arch"] == "conv":
         for dense_key, off in {**DENSE_ONLY, "l2": (0.0,) * n}.items():
             if values[dense_key] != off:
