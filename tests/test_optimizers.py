@@ -59,17 +59,21 @@ def test_learning_rate_warms_up_then_decays():
     assert float(linear(50)) == pytest.approx(0, abs=1e-9)
 
 
+def dense_model() -> keras.Model:
+    return built([8], 10, input_shape=(4, 4, 3))
+
+
 def test_adamw_takes_a_weight_decay():
     params = project_params()
     params["variants"]["deeper"] |= {"optimizer": "adamw", "weight_decay": 0.05}
-    built = optimizers.optimizer(variant_spec(params, "deeper"), steps_per_epoch=10)
+    built = optimizers.optimizer(variant_spec(params, "deeper"), 10, dense_model())
     assert isinstance(built, keras.optimizers.AdamW) and built.weight_decay == pytest.approx(0.05)
 
 
 def test_lion_steps_by_the_sign_of_the_gradient_and_decays_the_weights():
     params = project_params()
     params["variants"]["deeper"] |= {"optimizer": "lion", "learning_rate": 0.01, "weight_decay": 0.1}
-    built = optimizers.optimizer(variant_spec(params, "deeper"), steps_per_epoch=10)
+    built = optimizers.optimizer(variant_spec(params, "deeper"), 10, dense_model())
     weights = keras.Variable(np.ones(3, np.float32))
     built.apply_gradients([(np.array([3.0, -0.5, 0.0], np.float32), weights)])
     decayed = 1 - 0.01 * 0.1
@@ -101,38 +105,82 @@ def muon_reference(kernel: np.ndarray, gradients: list[np.ndarray], learning_rat
     return weights.transpose(2, 3, 1, 0)
 
 
-# Two steps of optimizer `muon` on a filter bank (and a bias, which takes Nesterov SGD's step), on
-# the backend of the process; prints the weights after them.
-MUON_STEPS = """
+# optimizers.SGD's steps on the backend of the process, saved to argv[1] (.npz): two of muon on a
+# filter bank and a bias; ten of SGD with lookahead over a run of ten; six of Nesterov SGD with
+# weight decay, its first weight frozen after three steps.
+OPTIMIZER_STEPS = """
 import sys
 import keras
 import numpy as np
-from resnet_cifar import optimizers
+from resnet_cifar.optimizers import SGD
+
+
+def stepped(optimizer, gradients, variables):
+    for step_gradients in gradients:
+        optimizer.apply_gradients(zip(step_gradients, variables))
+    return [variable.numpy() for variable in variables]
+
+
 rng = np.random.default_rng(0)
 kernel = keras.Variable(rng.normal(size=(3, 3, 2, 5)).astype("float32"), name="kernel")
 bias = keras.Variable(np.ones(5, "float32"), name="bias")
-optimizer = optimizers.SGD(1.0, (), 0.5, (kernel.path,), learning_rate=0.4, momentum=0.9, nesterov=True)
-for step in range(2):
-    optimizer.apply_gradients([(rng.normal(size=(3, 3, 2, 5)).astype("float32"), kernel),
-                               (np.full(5, 0.5, "float32"), bias)])
-np.save(sys.argv[1], np.concatenate([kernel.numpy().ravel(), bias.numpy()]))
+muon = SGD(muon_factor=0.5, muon_paths=(kernel.path,), learning_rate=0.4, momentum=0.9, nesterov=True)
+muon_kernel, muon_bias = stepped(muon, [(rng.normal(size=(3, 3, 2, 5)).astype("float32"), np.full(5, 0.5, "float32"))
+                                        for _ in range(2)], [kernel, bias])
+
+weight = keras.Variable(np.zeros(3, "float32"), name="weight")
+lookahead = SGD(learning_rate=0.1, lookahead_total=10)
+lookahead_fast, = stepped(lookahead, [(np.array([1.0, -2.0, 0.5], "float32"),)] * 10, [weight])
+lookahead.finalize_variable_values([weight])
+
+frozen, free = keras.Variable(np.ones(2, "float32"), name="frozen"), keras.Variable(np.ones(2, "float32"), name="free")
+freezing = SGD(frozen_paths=(frozen.path,), frozen_after=3, learning_rate=0.1, momentum=0.9, nesterov=True,
+               weight_decay=0.1)
+history = [stepped(freezing, [(np.full(2, 0.5, "float32"),) * 2], [frozen, free]) for _ in range(6)]
+np.savez(sys.argv[1], muon_kernel=muon_kernel, muon_bias=muon_bias, lookahead_fast=lookahead_fast,
+         lookahead_final=weight.numpy(), frozen=np.array([step[0] for step in history]),
+         free=np.array([step[1] for step in history]))
 """
 
 
-@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
-def test_muon_steps_filters_as_airbench_does_and_the_rest_as_nesterov_sgd(tmp_path, backend):
-    subprocess.run([sys.executable, "-c", MUON_STEPS, str(tmp_path / "after.npy")], check=True, timeout=300,
-                   env=os.environ | {"KERAS_BACKEND": backend})
-    after = np.load(tmp_path / "after.npy")
+@pytest.fixture(scope="module", params=["tensorflow", "jax"])
+def stepped(request, tmp_path_factory) -> dict[str, np.ndarray]:
+    """OPTIMIZER_STEPS' results on each backend."""
+    saved = tmp_path_factory.mktemp(request.param) / "steps.npz"
+    subprocess.run([sys.executable, "-c", OPTIMIZER_STEPS, str(saved)], check=True, timeout=300,
+                   env=os.environ | {"KERAS_BACKEND": request.param})
+    return dict(np.load(saved))
+
+
+def test_muon_steps_filters_as_airbench_does_and_the_rest_as_nesterov_sgd(stepped):
     rng = np.random.default_rng(0)
     kernel = rng.normal(size=(3, 3, 2, 5))
     gradients = [rng.normal(size=(3, 3, 2, 5)).astype("float32") for _ in range(2)]
-    np.testing.assert_allclose(after[:-5].reshape(3, 3, 2, 5), muon_reference(kernel, gradients, 0.4 * 0.5),
+    np.testing.assert_allclose(stepped["muon_kernel"], muon_reference(kernel, gradients, 0.4 * 0.5),
                                rtol=1e-4, atol=1e-5)
     # Nesterov SGD: m = 0.9 m - lr g; w += 0.9 m - lr g.
     first = 0.9 * -0.2 - 0.2
     second = 0.9 * (0.9 * -0.2 - 0.2) - 0.2
-    np.testing.assert_allclose(after[-5:], 1 + first + second, rtol=1e-6)
+    np.testing.assert_allclose(stepped["muon_bias"], 1 + first + second, rtol=1e-6)
+
+
+def test_lookahead_moves_slow_weights_every_five_steps_and_ends_on_them(stepped):
+    gradient, weights, slow = np.array([1.0, -2.0, 0.5]), np.zeros(3), np.zeros(3)
+    for step in range(1, 11):
+        weights = weights - 0.1 * gradient
+        if step % 5 == 0:
+            decay = 0.95 ** 5 * (step / 10) ** 3
+            slow = slow + (1 - decay) * (weights - slow)
+            weights = slow
+    np.testing.assert_allclose(stepped["lookahead_fast"], weights, rtol=1e-5)
+    np.testing.assert_allclose(stepped["lookahead_final"], slow, rtol=1e-5)
+    assert not np.allclose(weights, -gradient)  # lookahead changed the path: plain SGD would end at -g
+
+
+def test_a_frozen_weight_stops_changing_after_its_steps_and_the_others_go_on(stepped):
+    frozen, free = stepped["frozen"], stepped["free"]
+    np.testing.assert_array_equal(frozen[:3], free[:3])  # the same steps until it froze
+    assert np.all(frozen[3:] == frozen[2]) and np.all(np.diff(free[2:], axis=0) < 0)
 
 
 def test_filter_paths_are_the_trainable_convolution_kernels():
@@ -142,3 +190,9 @@ def test_filter_paths_are_the_trainable_convolution_kernels():
     assert optimizers.filter_paths(model) == tuple(layer.kernel.path for layer in convolutions
                                                     if layer.kernel.trainable)
     assert len(optimizers.filter_paths(model)) == 6  # the stems and the blocks' two each; whitening is fixed
+
+
+def test_the_whitening_bias_is_the_patch_whitening_layers():
+    model = built([4], 3, input_shape=(8, 8, 3), arch="conv", blocks=1, stem="whiten", downsample="pool",
+                  norm="batch")
+    assert optimizers.whitening_bias_paths(model) == (model.get_layer("stem_whiten").bias.path,)

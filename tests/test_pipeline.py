@@ -20,8 +20,10 @@ from support import TINY_CONV, command_line, descendants, interrupt_at, running,
 
 PROJECT = Path(__file__).resolve().parents[1]
 TINY_PARAMS = tiny_params()
-# Muon for its filters: their updates and momentum go through the pipeline's kill-and-resume test too.
-TINY_PARAMS["variants"]["conv"] = TINY_CONV | {"epochs": 4, "optimizer": "muon", "muon_lr_factor": 0.5}
+# With airbench94_muon's optimizer ingredients, whose state goes through the pipeline's kill-and-resume
+# test too: Muon's momentum, lookahead's slow weights, the whitening bias frozen after an epoch.
+TINY_PARAMS["variants"]["conv"] = TINY_CONV | {"epochs": 4, "optimizer": "muon", "muon_lr_factor": 0.5,
+                                               "lookahead": True, "whiten_bias_epochs": 1}
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import yaml
 
-from support import EVERY_INGREDIENT, interrupt_at, setup_project
+from support import EVERY_INGREDIENT, TINY_CONV, interrupt_at, setup_project
 from resnet_cifar import datasets, evaluate, paths, prepare, runtime, train
 from resnet_cifar.stage import StageError
 
@@ -115,3 +116,22 @@ def test_ctrl_c_or_sigterm_during_training_leaves_no_output(tmp_path, monkeypatc
     assert not paths.model_path("small").exists()
     assert not any(paths.live_dir("small").rglob("*"))
     assert not Path("models").exists() or not any(Path("models").iterdir())
+
+
+@pytest.mark.skipif(os.name == "nt", reason="sends the signal to a POSIX process group")
+def test_the_whitening_bias_learns_for_its_epochs_then_stays(tmp_path, monkeypatch):
+    """Killed after its first epoch, the whitening bias the checkpoint holds is the one the run
+    ends with (without a weight average, which would mix in its earlier values)."""
+    setup_project(tmp_path, monkeypatch, "cifar-10-binary", n_train=300)
+    prepare.main([])
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["variants"] = {"conv": TINY_CONV | {"epochs": 3, "whiten_bias_epochs": 1, "ema": 0.0}}
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    command = [sys.executable, "-m", "resnet_cifar.train", "conv"]
+    interrupt_at(command, "[conv] epoch 2/3")
+    bias_after_its_epoch = keras.models.load_model(paths.checkpoint_dir("conv") / "model.keras").get_layer(
+        "stem_whiten").bias.numpy()
+    assert np.any(bias_after_its_epoch != 0)  # it learned in epoch 1
+    subprocess.run(command, capture_output=True, timeout=300, check=True)
+    final = keras.models.load_model(paths.model_path("conv"), compile=False)
+    np.testing.assert_array_equal(final.get_layer("stem_whiten").bias.numpy(), bias_after_its_epoch)

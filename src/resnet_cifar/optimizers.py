@@ -1,7 +1,8 @@
 """The train stage's optimizers and learning-rate schedule, in Keras alone (the same on every
 backend): Adam, AdamW, Lion or SGD (plain or Nesterov, with a larger step for the norm layers'
-weights; or Muon for the convolution filters), decoupled weight decay, an average of the weights,
-and a linear warm-up followed by constant, cosine or linear decay.
+weights; or Muon for the convolution filters, a whitening bias that stops learning, lookahead),
+decoupled weight decay, an average of the weights, and a linear warm-up followed by constant,
+cosine or linear decay.
 """
 
 import math
@@ -9,6 +10,7 @@ import math
 import keras
 from keras import ops
 
+from resnet_cifar.models import PatchWhitening
 from resnet_cifar.params import VariantSpec
 
 NESTEROV_MOMENTUM = 0.9  # optimizer `nesterov`: SGD with this Nesterov momentum (He et al., Page)
@@ -18,6 +20,10 @@ NESTEROV_MOMENTUM = 0.9  # optimizer `nesterov`: SGD with this Nesterov momentum
 MUON_MOMENTUM = 0.6
 NEWTON_SCHULZ_STEPS = 3
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+# `lookahead`, as airbench94 has it: every 5 steps, the slow weights move toward the weights
+# (decay 0.95^5, scaled by the cube of the run's progress) and the weights are set to them.
+LOOKAHEAD_EVERY = 5
+LOOKAHEAD_DECAY = 0.95 ** 5
 
 
 @keras.saving.register_keras_serializable(package="resnet_cifar")
@@ -67,18 +73,55 @@ class SGD(keras.optimizers.SGD):
     """Keras's SGD, whose steps for the weights at `boosted_paths` (the norm layers' offsets and
     scales) are `factor` times larger (airbench's 64: batch norm's offsets learn slowly otherwise);
     their weight decay stays the other weights'. With `muon_paths` (convolution filters), those
-    take Muon's steps instead (`muon_step`), `muon_factor` times the learning rate."""
+    take Muon's steps instead (`muon_step`), `muon_factor` times the learning rate. The weights at
+    `frozen_paths` stop changing after `frozen_after` steps. With `lookahead_total` (the steps of
+    the whole run), lookahead (`lookahead`)."""
 
-    def __init__(self, factor: float = 1.0, boosted_paths: tuple[str, ...] = (), muon_factor: float = 1.0,
-                 muon_paths: tuple[str, ...] = (), **kwargs):
+    def __init__(self, factor: float = 1.0, boosted_paths: tuple[str, ...] = (), *, muon_factor: float = 1.0,
+                 muon_paths: tuple[str, ...] = (), frozen_paths: tuple[str, ...] = (), frozen_after: int = 0,
+                 lookahead_total: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.factor, self.boosted_paths = factor, tuple(boosted_paths)
         self.muon_factor, self.muon_paths = muon_factor, tuple(muon_paths)
+        self.frozen_paths, self.frozen_after = tuple(frozen_paths), frozen_after
+        self.lookahead_total = lookahead_total
 
     def build(self, variables):
         super().build(variables)
         self.boosted = [variable.path in self.boosted_paths for variable in variables]
         self.muon = [variable.path in self.muon_paths for variable in variables]
+        if self.lookahead_total:
+            self.slow_weights = self.add_optimizer_variables(variables, "slow")
+            for variable, slow in zip(variables, self.slow_weights):
+                slow.assign(variable)
+
+    def apply(self, grads, trainable_variables=None):
+        variables = self._trainable_variables if trainable_variables is None else list(trainable_variables)
+        held = [(variable, ops.copy(variable.value)) for variable in variables if variable.path in self.frozen_paths]
+        super().apply(grads, trainable_variables)
+        for variable, value in held:  # its step, momentum and weight decay undone, once frozen
+            variable.assign(ops.where(self.iterations.value > self.frozen_after, value, variable.value))
+        if self.lookahead_total:
+            self.lookahead(variables)
+
+    def lookahead(self, variables):
+        """airbench94's lookahead: every LOOKAHEAD_EVERY steps the slow weights move toward the
+        weights by 1 - decay, decay = LOOKAHEAD_DECAY x (step / total steps)^3, and the weights
+        are set to them (the run ends on them: finalize_variable_values)."""
+        step = self.iterations.value
+        due = ops.equal(step % LOOKAHEAD_EVERY, 0)
+        decay = LOOKAHEAD_DECAY * (ops.cast(step, "float32") / self.lookahead_total) ** 3
+        for variable in variables:
+            slow = self.slow_weights[self._get_variable_index(variable)]
+            moved = slow.value + (1 - ops.cast(decay, slow.dtype)) * (variable.value - slow.value)
+            slow.assign(ops.where(due, moved, slow.value))
+            variable.assign(ops.where(due, slow.value, variable.value))
+
+    def finalize_variable_values(self, var_list):
+        super().finalize_variable_values(var_list)
+        if self.lookahead_total:
+            for variable in var_list:
+                variable.assign(self.slow_weights[self._get_variable_index(variable)])
 
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
@@ -105,7 +148,9 @@ class SGD(keras.optimizers.SGD):
 
     def get_config(self):
         return super().get_config() | {"factor": self.factor, "boosted_paths": list(self.boosted_paths),
-                                       "muon_factor": self.muon_factor, "muon_paths": list(self.muon_paths)}
+                                       "muon_factor": self.muon_factor, "muon_paths": list(self.muon_paths),
+                                       "frozen_paths": list(self.frozen_paths), "frozen_after": self.frozen_after,
+                                       "lookahead_total": self.lookahead_total}
 
 
 def norm_weight_paths(model: keras.Model) -> tuple[str, ...]:
@@ -119,11 +164,16 @@ def filter_paths(model: keras.Model) -> tuple[str, ...]:
     return tuple(weight.path for weight in model.trainable_weights if len(weight.shape) == 4)
 
 
-def optimizer(spec: VariantSpec, steps_per_epoch: int, norm_paths: tuple[str, ...] = (),
-              filters: tuple[str, ...] = ()) -> keras.optimizers.Optimizer:
-    """The variant's optimizer; weight decay is decoupled (Keras's), EMA is Keras's weight average.
-    SGD's steps for the weights at `norm_paths` are norm_lr_factor times larger; muon's for the
-    `filters` are Muon's, at muon_lr_factor times the rate, and Nesterov SGD's for the rest."""
+def whitening_bias_paths(model: keras.Model) -> tuple[str, ...]:
+    """The path of the patch-whitening layer's bias, where the model has one."""
+    return tuple(layer.bias.path for layer in model.layers if isinstance(layer, PatchWhitening))
+
+
+def optimizer(spec: VariantSpec, steps_per_epoch: int, model: keras.Model) -> keras.optimizers.Optimizer:
+    """The variant's optimizer for `model`; weight decay is decoupled (Keras's), EMA is Keras's
+    weight average. The SGD family's steps for the norm weights are norm_lr_factor times larger;
+    muon's for the convolution filters are Muon's, at muon_lr_factor times the rate (Nesterov
+    SGD's for the rest); the whitening bias stops learning after whiten_bias_epochs; lookahead."""
     common = {"learning_rate": learning_rate(spec, steps_per_epoch), "weight_decay": spec.weight_decay or None}
     if spec.ema:  # the model ends training with the averaged weights
         common |= {"use_ema": True, "ema_momentum": spec.ema}
@@ -133,9 +183,11 @@ def optimizer(spec: VariantSpec, steps_per_epoch: int, norm_paths: tuple[str, ..
         return keras.optimizers.Adam(**common)
     if spec.optimizer == "lion":  # Chen et al. 2023: the sign of a momentum; Bachmann et al.'s MLPs train with it
         return keras.optimizers.Lion(**common)
-    if spec.optimizer == "nesterov":
-        return SGD(spec.norm_lr_factor, norm_paths, momentum=NESTEROV_MOMENTUM, nesterov=True, **common)
+    common |= {"lookahead_total": spec.epochs * steps_per_epoch if spec.lookahead else 0,
+               "frozen_paths": whitening_bias_paths(model) if spec.whiten_bias_epochs else (),
+               "frozen_after": spec.whiten_bias_epochs * steps_per_epoch}
+    if spec.optimizer == "sgd":
+        return SGD(spec.norm_lr_factor, norm_weight_paths(model), **common)
     if spec.optimizer == "muon":
-        return SGD(spec.norm_lr_factor, norm_paths, spec.muon_lr_factor, filters, momentum=NESTEROV_MOMENTUM,
-                   nesterov=True, **common)
-    return SGD(spec.norm_lr_factor, norm_paths, **common)
+        common |= {"muon_factor": spec.muon_lr_factor, "muon_paths": filter_paths(model)}
+    return SGD(spec.norm_lr_factor, norm_weight_paths(model), momentum=NESTEROV_MOMENTUM, nesterov=True, **common)

@@ -186,6 +186,8 @@ class VariantSpec:
     schedule: str = key(choice("constant", "cosine", "linear"))
     label_smoothing: float = key(number(0.0, 1.0, high_open=True))
     ema: float = key(number(0.0, 1.0, high_open=True))  # momentum of the weight average
+    lookahead: bool = key(boolean)  # sgd, nesterov, muon: airbench94's lookahead, ending on the slow weights
+    whiten_bias_epochs: int = key(int_in(0, 1_000_000, "an integer in [0, epochs)"))  # the whitening bias learns for these (0: throughout)
     precision: str = key(choice("auto", "float32", "bfloat16", "float16"))
     devices: str | tuple[int, ...] = key(check_devices)  # several: synchronous data parallel
     validation: str | float = key(check_validation)  # "test", or the fraction of train held out
@@ -285,6 +287,16 @@ def variant_spec(params: dict, name: str) -> VariantSpec:
     if values["norm_lr_factor"] != 1 and values["optimizer"] not in SGD_OPTIMIZERS:
         _fail(where["norm_lr_factor"], f"1 with optimizer {values['optimizer']} (the factor is sgd's, nesterov's and muon's)",
               values["norm_lr_factor"])
+    for sgd_key, off in (("lookahead", False), ("whiten_bias_epochs", 0)):
+        if values[sgd_key] != off and values["optimizer"] not in SGD_OPTIMIZERS:
+            _fail(where[sgd_key], f"{str(off).lower()} with optimizer {values['optimizer']} (a key of "
+                  f"{', '.join(SGD_OPTIMIZERS)})", values[sgd_key])
+    if values["whiten_bias_epochs"] and values["stem"] != "whiten":
+        _fail(where["whiten_bias_epochs"], f"0 with stem {values['stem']} (the whitening layer's key)",
+              values["whiten_bias_epochs"])
+    if values["whiten_bias_epochs"] >= values["epochs"]:
+        _fail(where["whiten_bias_epochs"], f"an integer in [0, epochs) = [0, {values['epochs']})",
+              values["whiten_bias_epochs"])
     if values["muon_lr_factor"] != 1 and values["optimizer"] != "muon":
         _fail(where["muon_lr_factor"], f"1 with optimizer {values['optimizer']} (the factor is muon's)",
               values["muon_lr_factor"])

@@ -30,7 +30,7 @@ from resnet_cifar.batches import TrainingBatches, split_validation
 from resnet_cifar.checkpoint import Checkpoint, TrainingState, fingerprint, load_checkpoint, save_model
 from resnet_cifar.datasets import load_prepared
 from resnet_cifar.models import Network, build_model
-from resnet_cifar.optimizers import filter_paths, norm_weight_paths, optimizer
+from resnet_cifar.optimizers import optimizer
 from resnet_cifar.params import VariantSpec, backend, load_params, variant_spec
 from resnet_cifar.paths import checkpoint_dir, live_dir, live_outputs, model_path, summary_path, timing_path
 from resnet_cifar.progress import Boundaries
@@ -92,7 +92,7 @@ def compiled_model(spec: VariantSpec, x_fit: np.ndarray, num_classes: int, steps
     their distribution and of the variant's precision (runtime.precision_policy)."""
     model = build_model(Network.of(spec), num_classes, x_fit, spec.name, synchronized_norm(replicas))
     model.compile(
-        optimizer=optimizer(spec, steps_per_epoch, norm_weight_paths(model), filter_paths(model)),
+        optimizer=optimizer(spec, steps_per_epoch, model),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing),
         metrics=["accuracy"],
     )
