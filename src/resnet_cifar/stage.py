@@ -37,6 +37,10 @@ class _StopRequests:
     def __init__(self):
         self.requested = threading.Event()
         self.at_boundaries = 0  # depth of interrupts_at_boundaries() blocks: record, don't raise
+        # Whether ordinary code has raised for the request. The watch thread records a signal as it
+        # arrives, so a boundary can raise before Python runs the handler, which must not raise
+        # again then: its KeyboardInterrupt would land in the cleanup or in `run`'s exit.
+        self.acted_on = False
         self.outputs: list[Path] = []  # the running all_or_nothing block's, removed by a forced stop
         self.wakeups: socket.socket | None = None  # where Python's C-level handler reports each signal
 
@@ -93,6 +97,7 @@ def _remove(path: Path) -> None:
 def check_interrupt() -> None:
     """Raise KeyboardInterrupt if a stop was requested: call it at a loop's boundaries."""
     if _STOP.requested.is_set():
+        _STOP.acted_on = True
         raise KeyboardInterrupt
 
 
@@ -109,7 +114,8 @@ def interrupts_at_boundaries() -> Iterator[None]:
 
 def _on_signal(signum: int, frame) -> None:
     _STOP.requested.set()
-    if not _STOP.at_boundaries:
+    if not _STOP.at_boundaries and not _STOP.acted_on:
+        _STOP.acted_on = True
         raise KeyboardInterrupt
 
 
