@@ -1,8 +1,9 @@
 """The train stage's checkpoint, and model files that are the same bytes for the same weights.
 
 After every epoch the model, the optimizer, the dropout RNG states (and PyTorch's global one) and
-the history are saved to .dvc/tmp/checkpoints/<variant>/. A killed run resumes from there only if it was made from the same
-params, data, code and library versions; otherwise it starts over and says what changed.
+the history are saved to .dvc/tmp/checkpoints/<variant>/. A killed run resumes from there only if
+it was made from the same params, data, code and library versions; otherwise it starts over and
+says what changed.
 """
 
 import dataclasses
