@@ -298,3 +298,33 @@ def test_logit_scale_divides_the_logits_before_the_softmax():
     scaled = np.exp(0.25 * logits) / np.exp(0.25 * logits).sum(axis=1, keepdims=True)
     np.testing.assert_allclose(model.predict(x, verbose=0), scaled, rtol=1e-5)
     assert built([4], 3, input_shape=(2, 2, 3)).count_params() == model.count_params()
+
+
+def test_batch_norm_statistics_are_computed_and_kept_in_float32_under_bfloat16():
+    """As airbench keeps them: a batch's mean of bfloat16 activations summed in bfloat16 would be
+    off by far more than float32 rounding (bfloat16 keeps 8 bits of mantissa)."""
+    rng = np.random.default_rng(0)
+    with precision_policy("bfloat16"):
+        norm = keras.layers.BatchNormalization(momentum=0.0)
+        activations = keras.ops.cast(1 + rng.random((64, 8, 8, 4), np.float32), "bfloat16")
+        norm(activations, training=True)
+    assert norm.moving_mean.dtype == norm.moving_variance.dtype == "float32"
+    exact = keras.ops.convert_to_numpy(keras.ops.cast(activations, "float32")).astype(np.float64)
+    np.testing.assert_allclose(norm.moving_mean.numpy(), exact.mean(axis=(0, 1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(norm.moving_variance.numpy(), exact.var(axis=(0, 1, 2)), rtol=1e-4)
+
+
+def test_plain_blocks_and_max_pooling_build_airbench94s_network():
+    """Three stages of 64, 256 and 256 filters, each a conv -> pool -> norm -> act transition and
+    one conv -> norm -> act block, no shortcut, the last stage max-pooled: airbench94's layout and
+    its 1,967,616 convolution weights (from 24 whitened channels)."""
+    model = built([64, 256, 256], 10, arch="conv", blocks=[1, 1, 1], stem="whiten", downsample="pool_first",
+                  norm="batch", shortcuts=False, head_pool="max")
+    kernels = [layer.kernel.shape for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert kernels == [(3, 3, 24, 64), (3, 3, 64, 64), (3, 3, 64, 256), (3, 3, 256, 256), (3, 3, 256, 256),
+                       (3, 3, 256, 256)]
+    assert sum(math.prod(shape) for shape in kernels) == 1_967_616
+    assert not any(isinstance(layer, keras.layers.Add) for layer in model.layers)
+    assert isinstance(model.get_layer("pool"), keras.layers.GlobalMaxPooling2D)
+    assert isinstance(built([8], 10, arch="conv", blocks=1, stem=4, downsample="pool").get_layer("pool"),
+                      keras.layers.GlobalAveragePooling2D)

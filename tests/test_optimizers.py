@@ -57,10 +57,23 @@ def test_learning_rate_warms_up_then_decays():
     assert float(linear(5)) == pytest.approx(0.005) and float(linear(20)) == pytest.approx(0.0075)
     assert float(schedule(20)) == pytest.approx(0.01 * (1 + math.cos(math.pi / 4)) / 2)  # cosine, a quarter in
     assert float(linear(50)) == pytest.approx(0, abs=1e-9)
+    from_a_fifth = optimizers.learning_rate(dataclasses.replace(spec, warmup_from=0.2), steps_per_epoch=5)
+    assert [float(from_a_fifth(step)) for step in (0, 5, 10)] == pytest.approx([0.002, 0.006, 0.01])
+    assert float(from_a_fifth(30)) == pytest.approx(rates[30])  # the decay is the same
 
 
 def dense_model() -> keras.Model:
     return built([8], 10, input_shape=(4, 4, 3))
+
+
+def test_nesterov_and_muon_take_the_momentum_key():
+    params = project_params()
+    params["variants"]["conv"] |= {"momentum": 0.85}
+    for name in ("nesterov", "muon"):
+        params["variants"]["conv"]["optimizer"] = name
+        model = built([8], 10, input_shape=(8, 8, 3), arch="conv", blocks=1, stem=4, downsample="pool", norm="batch")
+        made = optimizers.optimizer(variant_spec(params, "conv"), 10, model)
+        assert made.momentum == pytest.approx(0.85) and made.nesterov
 
 
 def test_adamw_takes_a_weight_decay():

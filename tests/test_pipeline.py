@@ -87,6 +87,8 @@ def test_repro_writes_every_output(repo, tmp_path):
     ran_on = json.loads((repo / "metrics/variants/small/evaluate.json").read_text())["ran_on"]
     assert re.search(rf"^\| small \|.* \| tensorflow {ran_on['tensorflow']}, {ran_on['precision']}, "
                      rf"{re.escape(ran_on['device'])} \|$", report, re.M), report
+    # The conv variant trains in float32: on TensorFlow's CPU, with XLA (runtime.resolve_xla).
+    assert re.search(r"^\| conv \|.* \| tensorflow [\d.]+, float32 with XLA, ", report, re.M), report
     assert "**deep vs small**" in report
     for figure in ("comparison.png", "curves_small.png", "curves_deep.png"):
         assert (repo / "metrics/report" / figure).stat().st_size > 1000

@@ -32,7 +32,7 @@ def test_train_and_evaluate_a_100_class_variant(tmp_path, monkeypatch):
     # What produced the numbers: this machine, in the precision params.yaml's `auto` resolves to here.
     assert timing["ran_on"] == {"backend": "tensorflow", "precision": runtime.resolve_precision("auto"),
                                 "device": runtime.Devices(tuple(runtime.gpus())).name(), "keras": keras.__version__,
-                                "tensorflow": tf.__version__}
+                                "tensorflow": tf.__version__, "xla": False}  # a dense network
     evaluate.main(["small"])
     metrics = json.loads(paths.evaluate_path("small").read_text())
     assert metrics["ran_on"] == timing["ran_on"]
@@ -135,3 +135,22 @@ def test_the_whitening_bias_learns_for_its_epochs_then_stays(tmp_path, monkeypat
     subprocess.run(command, capture_output=True, timeout=300, check=True)
     final = keras.models.load_model(paths.model_path("conv"), compile=False)
     np.testing.assert_array_equal(final.get_layer("stem_whiten").bias.numpy(), bias_after_its_epoch)
+
+
+def test_xla_changes_the_conv_network_only_by_float_rounding(tmp_path, monkeypatch):
+    """A fixed-seed run of the tiny conv variant compiled with XLA and one without end within
+    float32 rounding of each other, and each says which it was."""
+    setup_project(tmp_path, monkeypatch, "cifar-10-binary", n_train=300)
+    prepare.main([])
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["variants"] = {f"xla_{xla}": TINY_CONV | {"epochs": 2, "xla": xla} for xla in (True, False)}
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    for variant in params["variants"]:
+        train.main([variant])
+    compiled, plain = (keras.models.load_model(paths.model_path(variant), compile=False).get_weights()
+                       for variant in params["variants"])
+    assert not all(np.array_equal(a, b) for a, b in zip(compiled, plain))  # two ways of computing
+    for a, b in zip(compiled, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+    for variant, xla in (("xla_True", True), ("xla_False", False)):
+        assert json.loads(paths.timing_path(variant).read_text())["ran_on"]["xla"] is xla

@@ -45,6 +45,8 @@ class Network:
     activation: str
     norm: str  # none | layer | batch
     prenorm: bool  # x + f(norm(x)) blocks
+    shortcuts: bool  # conv: residual blocks; False: a block is one conv -> norm -> act (airbench)
+    head_pool: str  # conv: average | max, over the last stage's pixels
     dropout: float  # dense: after each transition Dense
     l2: tuple[float, ...]  # dense: one factor per transition Dense
     logit_scale: float  # the classifier's logits times this
@@ -224,6 +226,11 @@ def conv_block(x, filters: int, strides: int, style: ConvStyle, name: str):
     return layers.Activation(style.activation, name=f"{name}_out")(summed)
 
 
+def plain_block(x, filters: int, strides: int, style: ConvStyle, name: str):
+    """act(norm(conv(x))), without a shortcut: airbench's second convolution of a stage."""
+    return style.normalized(style.conv(x, filters, f"{name}_conv", strides=strides), True, f"{name}_conv")
+
+
 def preactivation_block(x, filters: int, strides: int, style: ConvStyle, name: str):
     """x + conv(act(norm(conv(act(norm(x)))))): He et al.'s pre-activation block, whose residual
     path stays linear. A projection, where the shape changes, starts from act(norm(x))."""
@@ -259,12 +266,12 @@ def conv_stem(x, stem: int | str, style: ConvStyle, prenorm: bool, whitening: np
 
 
 def conv_features(x, network: Network, style: ConvStyle, whitening: np.ndarray | None):
-    """The stem, then per width a stage of residual blocks, then global average pooling. Each stage
-    after the first halves the image: `stride`, by a strided first block (He et al.'s ResNet-20/56);
-    `pool` and `pool_first`, by a conv-pool transition before its blocks (every stage has one;
-    Page's ResNet-9, airbench)."""
+    """The stem, then per width a stage of blocks (residual, or plain without `shortcuts`), then
+    global average or max pooling (`head_pool`). Each stage after the first halves the image:
+    `stride`, by a strided first block (He et al.'s ResNet-20/56); `pool` and `pool_first`, by a
+    conv-pool transition before its blocks (every stage has one; Page's ResNet-9, airbench)."""
     x = conv_stem(x, network.stem, style, network.prenorm, whitening)
-    block = preactivation_block if network.prenorm else conv_block
+    block = plain_block if not network.shortcuts else preactivation_block if network.prenorm else conv_block
     for stage, (filters, count) in enumerate(zip(network.widths, network.blocks), start=1):
         if network.downsample != "stride":
             x = conv_transition(x, filters, style, network.downsample == "pool_first", name=f"stage{stage}")
@@ -273,7 +280,8 @@ def conv_features(x, network: Network, style: ConvStyle, whitening: np.ndarray |
             x = block(x, filters, strides, style, name=f"stage{stage}_block{index}")
     if network.prenorm:
         x = style.normalized(x, True, "final")
-    return layers.GlobalAveragePooling2D(name="pool")(x)
+    pool = layers.GlobalMaxPooling2D if network.head_pool == "max" else layers.GlobalAveragePooling2D
+    return pool(name="pool")(x)
 
 
 def classifier(x, num_classes: int, logit_scale: float):

@@ -13,7 +13,6 @@ from keras import ops
 from resnet_cifar.models import PatchWhitening
 from resnet_cifar.params import VariantSpec
 
-NESTEROV_MOMENTUM = 0.9  # optimizer `nesterov`: SGD with this Nesterov momentum (He et al., Page)
 # optimizer `muon`, as airbench94_muon trains its filters: Nesterov momentum 0.6, and 3 steps of
 # the quintic Newton-Schulz iteration whose coefficients maximize its slope at zero (it maps the
 # singular values to about 0.5-1.5 rather than exactly 1, which trains as well, in fewer steps).
@@ -28,15 +27,16 @@ LOOKAHEAD_DECAY = 0.95 ** 5
 
 @keras.saving.register_keras_serializable(package="resnet_cifar")
 class WarmupThenDecay(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up from 0 to `peak` over `warmup_steps`, then constant, cosine or linear
-    decay to 0 at `total_steps`."""
+    """Linear warm-up from `start` x `peak` to `peak` over `warmup_steps`, then constant, cosine or
+    linear decay to 0 at `total_steps`."""
 
-    def __init__(self, peak: float, warmup_steps: int, total_steps: int, decay: str):
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int, decay: str, start: float = 0.0):
         self.peak, self.warmup_steps, self.total_steps, self.decay = peak, warmup_steps, total_steps, decay
+        self.start = start
 
     def __call__(self, step):
         step = ops.cast(step, "float32")
-        warmup = step / max(self.warmup_steps, 1)
+        warmup = self.start + (1 - self.start) * step / max(self.warmup_steps, 1)
         progress = ops.clip((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 0, 1)
         after = {"constant": ops.ones_like(progress), "cosine": 0.5 * (1 + ops.cos(math.pi * progress)),
                  "linear": 1 - progress}[self.decay]
@@ -44,15 +44,15 @@ class WarmupThenDecay(keras.optimizers.schedules.LearningRateSchedule):
 
     def get_config(self):
         return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
-                "decay": self.decay}
+                "decay": self.decay, "start": self.start}
 
 
 def learning_rate(spec: VariantSpec, steps_per_epoch: int) -> float | WarmupThenDecay:
-    """The constant rate, or linear warm-up from 0 to it, then constant, cosine or linear decay to 0."""
+    """The constant rate, or a linear warm-up to it, then constant, cosine or linear decay to 0."""
     if spec.schedule == "constant" and not spec.warmup_epochs:
         return spec.learning_rate
     return WarmupThenDecay(spec.learning_rate, spec.warmup_epochs * steps_per_epoch,
-                           spec.epochs * steps_per_epoch, spec.schedule)
+                           spec.epochs * steps_per_epoch, spec.schedule, spec.warmup_from)
 
 
 def orthogonalized(matrix):
@@ -190,4 +190,4 @@ def optimizer(spec: VariantSpec, steps_per_epoch: int, model: keras.Model) -> ke
         return SGD(spec.norm_lr_factor, norm_weight_paths(model), **common)
     if spec.optimizer == "muon":
         common |= {"muon_factor": spec.muon_lr_factor, "muon_paths": filter_paths(model)}
-    return SGD(spec.norm_lr_factor, norm_weight_paths(model), momentum=NESTEROV_MOMENTUM, nesterov=True, **common)
+    return SGD(spec.norm_lr_factor, norm_weight_paths(model), momentum=spec.momentum, nesterov=True, **common)

@@ -165,6 +165,8 @@ class VariantSpec:
     activation: str = key(choice("relu", "gelu"))
     norm: str = key(choice("none", "layer", "batch"))
     prenorm: bool = key(boolean)  # x + f(norm(x)) blocks (pre-activation, for conv)
+    shortcuts: bool = key(boolean)  # conv: residual blocks; false: plain conv -> norm -> act blocks
+    head_pool: str = key(choice("average", "max"))  # conv: global pooling before the classifier
     dropout: float = key(number(0.0, 1.0, high_open=True))  # dense: after each transition
     l2: tuple[float, ...] = key(per_width(number(0.0)))  # dense: one factor per transition
     logit_scale: float = key(number(0.0, low_open=True))  # the classifier's logits times this
@@ -181,14 +183,17 @@ class VariantSpec:
     learning_rate: float = key(number(0.0, low_open=True))  # the peak, after warm-up
     norm_lr_factor: float = key(number(0.0, low_open=True))  # sgd: the norm layers' learning rate factor
     muon_lr_factor: float = key(number(0.0, low_open=True))  # muon: the convolution filters' learning rate factor
+    momentum: float = key(number(0.0, 1.0, high_open=True))  # nesterov, muon: SGD's Nesterov momentum
     weight_decay: float = key(number(0.0))  # decoupled: w -= lr * weight_decay * w
     warmup_epochs: int = key(int_in(0, 1_000_000, "an integer in [0, epochs)"))
+    warmup_from: float = key(number(0.0, 1.0, high_open=True))  # the warm-up's first rate, a fraction of learning_rate
     schedule: str = key(choice("constant", "cosine", "linear"))
     label_smoothing: float = key(number(0.0, 1.0, high_open=True))
     ema: float = key(number(0.0, 1.0, high_open=True))  # momentum of the weight average
     lookahead: bool = key(boolean)  # sgd, nesterov, muon: airbench94's lookahead, ending on the slow weights
     whiten_bias_epochs: int = key(int_in(0, 1_000_000, "an integer in [0, epochs)"))  # the whitening bias learns for these (0: throughout)
     precision: str = key(choice("auto", "float32", "bfloat16", "float16"))
+    xla: bool | str = key(choice_or_boolean("auto"))  # compile the training step with XLA; auto: runtime.resolve_xla
     devices: str | tuple[int, ...] = key(check_devices)  # several: synchronous data parallel
     validation: str | float = key(check_validation)  # "test", or the fraction of train held out
     # the evaluation
@@ -202,6 +207,7 @@ VARIANT_KEYS = tuple(f.name for f in fields(VariantSpec) if f.metadata)
 TRAIN_KEYS = tuple(name for name in VARIANT_KEYS if name != "widths") + ("max_epochs", "backend")
 WEIGHT_DECAY_OPTIMIZERS = ("adamw", "lion", "sgd", "nesterov", "muon")
 SGD_OPTIMIZERS = ("sgd", "nesterov", "muon")
+NESTEROV_OPTIMIZERS = ("nesterov", "muon")  # the momentum key's
 DENSE_ONLY = {"expansion": 1.0, "dropout": 0.0}  # and l2: each with its value that means "off"
 
 
@@ -300,6 +306,13 @@ def variant_spec(params: dict, name: str) -> VariantSpec:
     if values["muon_lr_factor"] != 1 and values["optimizer"] != "muon":
         _fail(where["muon_lr_factor"], f"1 with optimizer {values['optimizer']} (the factor is muon's)",
               values["muon_lr_factor"])
+    if "momentum" in overrides and values["optimizer"] not in NESTEROV_OPTIMIZERS:
+        _fail(where["momentum"], f"no momentum with optimizer {values['optimizer']} (a key of "
+              f"{', '.join(NESTEROV_OPTIMIZERS)})", values["momentum"])
+    if values["warmup_from"] and not values["warmup_epochs"]:
+        _fail(where["warmup_from"], "0 without a warm-up (warmup_epochs 0)", values["warmup_from"])
+    if not values["shortcuts"] and values["prenorm"]:
+        _fail(where["shortcuts"], "true with prenorm true (pre-activation blocks are residual)", values["shortcuts"])
     if values["optimizer"] == "muon" and values["arch"] != "conv":
         _fail(where["optimizer"], "one of adam, adamw, lion, sgd, nesterov with arch dense (muon trains "
               "convolution filters)", values["optimizer"])

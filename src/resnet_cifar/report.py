@@ -263,8 +263,9 @@ def results_table(results: list[Result]) -> list[str]:
 
 
 def ran_on(record: dict) -> str:
-    """Where a variant trained: backend and version, precision, device."""
-    return f"{record['backend']} {record[record['backend']]}, {record['precision']}, {record['device']}"
+    """Where a variant trained: backend and version, precision (and XLA), device."""
+    xla = " with XLA" if record.get("xla") else ""  # results trained before the key have no "xla": without
+    return f"{record['backend']} {record[record['backend']]}, {record['precision']}{xla}, {record['device']}"
 
 
 def write_curves(result: Result) -> None:

@@ -109,6 +109,22 @@ def resolve_precision(precision: str, cpuinfo: Path = CPUINFO,
     return "bfloat16" if description and has_native_bfloat16(description) else "float32"  # unknown: the safe choice
 
 
+def resolve_xla(xla: bool | str, arch: str, precision: str, on_cpu: bool) -> bool:
+    """Whether Keras compiles the training and prediction steps with XLA (`jit_compile`): `auto`
+    is always on JAX (Keras's way there), never on PyTorch (whose compiler is another) and, on
+    TensorFlow, for convolutions on the CPU in float32, where oneDNN's own float32 convolutions are
+    the slower path (docs/speed.md); elsewhere TensorFlow runs its ops one by one, deterministic
+    (seed_everything)."""
+    if xla is True and BACKEND == "torch":
+        raise StageError("params.yaml: train.xla: true, but the torch backend does not compile with XLA; "
+                         "choose auto or false")
+    if xla != "auto":
+        return xla
+    if BACKEND == "tensorflow":
+        return arch == "conv" and precision == "float32" and on_cpu
+    return BACKEND == "jax"
+
+
 def gpus() -> list:
     """The backend's handles of the GPUs it sees."""
     if BACKEND == "tensorflow":
@@ -232,10 +248,13 @@ def synchronized_norm(replicas: int) -> bool:
     return BACKEND == "tensorflow" and replicas > 1
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and the backend, and make its ops deterministic, for repeatable runs."""
+def seed_everything(seed: int, xla: bool | str) -> None:
+    """Seed Python, NumPy and the backend, and make its ops deterministic, for repeatable runs.
+    Not TensorFlow's ops where the training step is compiled with XLA (`xla` true): Keras turns
+    XLA off under TensorFlow's op determinism, and XLA's CPU code is deterministic by itself (a
+    killed and resumed run ends bit-identical: tests/test_pipeline.py)."""
     keras.utils.set_random_seed(seed)
-    if BACKEND == "tensorflow":
+    if BACKEND == "tensorflow" and xla is not True:
         tf.config.experimental.enable_op_determinism()
     elif BACKEND == "torch":
         torch.use_deterministic_algorithms(True)

@@ -34,9 +34,9 @@ from resnet_cifar.optimizers import optimizer
 from resnet_cifar.params import VariantSpec, backend, load_params, variant_spec
 from resnet_cifar.paths import checkpoint_dir, live_dir, live_outputs, model_path, summary_path, timing_path
 from resnet_cifar.progress import Boundaries
-from resnet_cifar.runtime import (check_backend, check_even_split, distribution, join_processes, precision_policy,
-                                  quiet_graph_optimizer, resolve_precision, run_record, seed_everything,
-                                  steps_per_call, synchronized_norm, use_devices)
+from resnet_cifar.runtime import (Devices, check_backend, check_even_split, distribution, join_processes,
+                                  precision_policy, quiet_graph_optimizer, resolve_precision, resolve_xla, run_record,
+                                  seed_everything, steps_per_call, synchronized_norm, use_devices)
 from resnet_cifar.stage import StageError, all_or_nothing, atomic_path, interrupts_at_boundaries, run
 
 
@@ -95,6 +95,7 @@ def compiled_model(spec: VariantSpec, x_fit: np.ndarray, num_classes: int, steps
         optimizer=optimizer(spec, steps_per_epoch, model),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing),
         metrics=["accuracy"],
+        jit_compile=spec.xla,
     )
     return model
 
@@ -115,18 +116,24 @@ def replay(live: Live, history: list[dict]) -> None:
         logger.on_epoch_end(epoch, logs)
 
 
+def resolved(spec: VariantSpec, chosen: Devices) -> VariantSpec:
+    """The spec with its `auto` precision and XLA resolved for the `chosen` devices."""
+    precision = resolve_precision(spec.precision, gpu_capabilities=chosen.capabilities())
+    return dataclasses.replace(spec, precision=precision,
+                               xla=resolve_xla(spec.xla, spec.arch, precision, on_cpu=not chosen.gpus))
+
+
 def on_this_machine(spec: VariantSpec) -> tuple[VariantSpec, list[str], dict]:
     """The spec with its precision resolved, the devices to train on (as the distribution names
     them) and the record of what runs: pick the devices, seed every generator, quiet TensorFlow's
     graph optimizer."""
     chosen = use_devices(spec.devices)
-    spec = dataclasses.replace(spec, precision=resolve_precision(spec.precision,
-                                                                 gpu_capabilities=chosen.capabilities()))
+    spec = resolved(spec, chosen)
     devices = chosen.replicas()
     record = run_record(spec.precision, chosen)
     print(f"[{spec.name}] training in {spec.precision} on {', '.join(devices) or record['device']}, "
           f"Keras {record['keras']} on {record['backend']} {record[record['backend']]}")
-    seed_everything(spec.seed)
+    seed_everything(spec.seed, spec.xla)
     quiet_graph_optimizer()
     return spec, devices, record
 
@@ -186,7 +193,7 @@ def write_results(model: keras.Model, state: TrainingState, spec: VariantSpec, s
     timing = {"train_seconds": round(sum(state.epoch_seconds), 1),
               "seconds_per_epoch": round(float(np.median(state.epoch_seconds)), 2),
               "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-              "ran_on": record}
+              "ran_on": {**record, "xla": model.jit_compile}}
     with atomic_path(timing_path(spec.name)) as tmp:
         tmp.write_text(json.dumps(timing, indent=2) + "\n")
     with atomic_path(summary_path(spec.name)) as tmp:
