@@ -37,7 +37,8 @@ from resnet_cifar.progress import Boundaries
 from resnet_cifar.runtime import (Devices, check_backend, check_even_split, distribution, join_processes,
                                   precision_policy, quiet_graph_optimizer, resolve_precision, resolve_xla, run_record,
                                   seed_everything, steps_per_call, synchronized_norm, use_devices)
-from resnet_cifar.stage import StageError, all_or_nothing, atomic_path, interrupts_at_boundaries, run
+from resnet_cifar.stage import (StageError, all_or_nothing, atomic_path, check_interrupt, interrupts_at_boundaries,
+                                run)
 
 
 class EpochProgress(keras.callbacks.Callback):
@@ -172,9 +173,12 @@ def fit(model: keras.Model, state: TrainingState, spec: VariantSpec, batches: Tr
     """Train the epochs not yet in `state` on `replicas` devices, about a second per call into the
     backend (runtime.steps_per_call), checkpointing each epoch, and logging each with DVCLive
     where `logged` (process 0 of a job; the others train alongside it)."""
-    pace(model, steps_per_call(batches.steps_per_epoch, lambda: step_seconds(model, batches), replicas))
-    with (Live(str(live_dir(spec.name)), dvcyaml=None, save_dvc_exp=False) if logged else contextlib.nullcontext()
-          as live, interrupts_at_boundaries()):
+    # Timing, tracing and DVCLive's start-up are inside the block too: a stop request then waits
+    # for check_interrupt instead of raising inside TensorFlow's tracing or DVCLive's files.
+    with interrupts_at_boundaries(), (Live(str(live_dir(spec.name)), dvcyaml=None, save_dvc_exp=False) if logged
+                                      else contextlib.nullcontext()) as live:
+        pace(model, steps_per_call(batches.steps_per_epoch, lambda: step_seconds(model, batches), replicas))
+        check_interrupt()
         callbacks = [StopOnDivergence(spec.name), Boundaries(spec.name, spec.batch_size)]
         if live:
             live.summary["parameters"] = model.count_params()
