@@ -60,22 +60,22 @@ def test_devices_cpu_hides_every_gpu():
     assert shown.stdout.splitlines()[-1] == "() []"
 
 
-@pytest.mark.parametrize("xla, arch, precision, on_cpu, expected", [
+@pytest.mark.parametrize("xla, arch, precision, on_one_cpu, expected", [
     ("auto", "conv", "float32", True, True),  # measured 2x faster (docs/speed.md)
     ("auto", "dense", "float32", True, False), ("auto", "conv", "bfloat16", True, False),
-    ("auto", "conv", "float32", False, False),  # on a GPU: TensorFlow's deterministic ops
+    ("auto", "conv", "float32", False, False),  # on GPUs or CPU replicas: TensorFlow's deterministic ops
     (False, "conv", "float32", True, False), (True, "dense", "bfloat16", False, True)])
-def test_auto_xla_compiles_convolutions_on_tensorflows_cpu_in_float32(xla, arch, precision, on_cpu, expected):
-    assert runtime.resolve_xla(xla, arch, precision, on_cpu) is expected
+def test_auto_xla_compiles_convolutions_on_tensorflows_cpu_in_float32(xla, arch, precision, on_one_cpu, expected):
+    assert runtime.resolve_xla(xla, arch, precision, on_one_cpu) is expected
 
 
 @pytest.mark.parametrize("backend, expected", [("jax", True), ("torch", False)])
 def test_auto_xla_is_the_backends_own_way_elsewhere(monkeypatch, backend, expected):
     monkeypatch.setattr(runtime, "BACKEND", backend)
-    assert runtime.resolve_xla("auto", "conv", "float32", on_cpu=True) is expected
+    assert runtime.resolve_xla("auto", "conv", "float32", on_one_cpu=True) is expected
 
 
 def test_xla_on_the_torch_backend_names_the_key(monkeypatch):
     monkeypatch.setattr(runtime, "BACKEND", "torch")
     with pytest.raises(StageError, match=r"params.yaml: train.xla: true, but the torch backend"):
-        runtime.resolve_xla(True, "conv", "float32", on_cpu=True)
+        runtime.resolve_xla(True, "conv", "float32", on_one_cpu=True)

@@ -109,19 +109,19 @@ def resolve_precision(precision: str, cpuinfo: Path = CPUINFO,
     return "bfloat16" if description and has_native_bfloat16(description) else "float32"  # unknown: the safe choice
 
 
-def resolve_xla(xla: bool | str, arch: str, precision: str, on_cpu: bool) -> bool:
-    """Whether Keras compiles the training and prediction steps with XLA (`jit_compile`): `auto`
-    is always on JAX (Keras's way there), never on PyTorch (whose compiler is another) and, on
-    TensorFlow, for convolutions on the CPU in float32, where oneDNN's own float32 convolutions are
-    the slower path (docs/speed.md); elsewhere TensorFlow runs its ops one by one, deterministic
-    (seed_everything)."""
+def resolve_xla(xla: bool | str, arch: str, precision: str, on_one_cpu: bool) -> bool:
+    """Whether Keras compiles the training steps with XLA (`jit_compile`): `auto` is always on JAX
+    (Keras's way there), never on PyTorch (whose compiler is another) and, on TensorFlow, for
+    convolutions on one CPU device in float32, where oneDNN's own float32 convolutions are the
+    slower path (docs/speed.md; TensorFlow's replicas of a CPU split into devices fail under XLA);
+    elsewhere TensorFlow runs its ops one by one, deterministic (seed_everything)."""
     if xla is True and BACKEND == "torch":
         raise StageError("params.yaml: train.xla: true, but the torch backend does not compile with XLA; "
                          "choose auto or false")
     if xla != "auto":
         return xla
     if BACKEND == "tensorflow":
-        return arch == "conv" and precision == "float32" and on_cpu
+        return arch == "conv" and precision == "float32" and on_one_cpu
     return BACKEND == "jax"
 
 

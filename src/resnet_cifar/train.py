@@ -121,7 +121,8 @@ def resolved(spec: VariantSpec, chosen: Devices) -> VariantSpec:
     """The spec with its `auto` precision and XLA resolved for the `chosen` devices."""
     precision = resolve_precision(spec.precision, gpu_capabilities=chosen.capabilities())
     return dataclasses.replace(spec, precision=precision,
-                               xla=resolve_xla(spec.xla, spec.arch, precision, on_cpu=not chosen.gpus))
+                               xla=resolve_xla(spec.xla, spec.arch, precision,
+                                               on_one_cpu=not chosen.gpus and len(chosen.replicas()) <= 1))
 
 
 def on_this_machine(spec: VariantSpec) -> tuple[VariantSpec, list[str], dict]:
