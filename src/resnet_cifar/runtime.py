@@ -248,13 +248,13 @@ def synchronized_norm(replicas: int) -> bool:
     return BACKEND == "tensorflow" and replicas > 1
 
 
-def seed_everything(seed: int, xla: bool | str) -> None:
+def seed_everything(seed: int, xla: bool) -> None:
     """Seed Python, NumPy and the backend, and make its ops deterministic, for repeatable runs.
-    Not TensorFlow's ops where the training step is compiled with XLA (`xla` true): Keras turns
+    Not TensorFlow's ops where the training step is compiled with XLA (`xla`, resolved): Keras turns
     XLA off under TensorFlow's op determinism, and XLA's CPU code is deterministic by itself (a
     killed and resumed run ends bit-identical: tests/test_pipeline.py)."""
     keras.utils.set_random_seed(seed)
-    if BACKEND == "tensorflow" and xla is not True:
+    if BACKEND == "tensorflow" and not xla:
         tf.config.experimental.enable_op_determinism()
     elif BACKEND == "torch":
         torch.use_deterministic_algorithms(True)
