@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from support import built, setup_project
-from resnet_cifar import evaluate, paths, prepare, train
+from resnet_cifar import evaluate, paths, prepare, train, tta
 
 
 def test_top_k_and_per_class_accuracy():
@@ -37,17 +37,17 @@ def test_shifted_test_time_augmentation_averages_six_views():
     rows = np.array([1, 0, 1, 2])  # mirror-padded by one pixel: row -1 is row 1, row 4 is row 2
     down_right = x[:, rows][:, :, rows]  # the image moved one pixel down and right
     up_left = x[:, [1, 2, 3, 2]][:, :, [1, 2, 3, 2]]  # and one pixel up and left
-    views = [evaluate.predict(model, view, tta=True) for view in (x, down_right, up_left)]
+    views = [tta.predict(model, view, tta=True) for view in (x, down_right, up_left)]
     expected = views[0] / 2 + (views[1] + views[2]) / 4
-    np.testing.assert_allclose(evaluate.predict(model, x, tta="shifts"), expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(tta.predict(model, x, tta="shifts"), expected, rtol=1e-5, atol=1e-7)
     assert not np.allclose(expected, views[0])
 
 
 def test_test_time_augmentation_averages_the_image_and_its_mirror():
     model = built([8], 3, input_shape=(4, 4, 3))
     x = np.random.default_rng(0).uniform(size=(5, 4, 4, 3)).astype(np.float32)
-    plain, averaged = evaluate.predict(model, x, tta=False), evaluate.predict(model, x, tta=True)
+    plain, averaged = tta.predict(model, x, tta=False), tta.predict(model, x, tta=True)
     # Averaged over both views, a prediction no longer depends on which of the two it was given.
-    np.testing.assert_allclose(evaluate.predict(model, x[:, :, ::-1], tta=True), averaged, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(tta.predict(model, x[:, :, ::-1], tta=True), averaged, rtol=1e-5, atol=1e-7)
     assert not np.allclose(plain, averaged)  # a dense network is not mirror-symmetric
     np.testing.assert_allclose(averaged.sum(axis=1), 1, rtol=1e-5)  # still probabilities

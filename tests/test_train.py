@@ -15,7 +15,7 @@ import tensorflow as tf
 import yaml
 
 from support import EVERY_INGREDIENT, TINY_CONV, interrupt_at, setup_project
-from resnet_cifar import datasets, evaluate, paths, prepare, runtime, train
+from resnet_cifar import datasets, evaluate, paths, prepare, runtime, train, tta
 from resnet_cifar.stage import StageError
 
 
@@ -52,7 +52,7 @@ def test_every_ingredient_trains_saves_and_evaluates(tmp_path, monkeypatch):
     assert isinstance(model.optimizer, keras.optimizers.AdamW)
     assert {"stage2_block2_norm", "final_norm"} <= {layer.name for layer in model.layers}
     data = datasets.load_prepared()
-    probabilities = evaluate.predict(model, data["x_test"], tta=True)  # the image's and its mirror's, averaged
+    probabilities = tta.predict(model, data["x_test"], tta=True)  # the image's and its mirror's, averaged
     # The reported loss is plain cross-entropy plus the L2 penalty, not the label-smoothed loss trained on.
     penalty = sum(float(loss) for loss in model.losses)
     assert penalty > 0
@@ -60,6 +60,22 @@ def test_every_ingredient_trains_saves_and_evaluates(tmp_path, monkeypatch):
     assert metrics["test"]["loss"] == pytest.approx(expected, abs=1e-4)
     assert metrics["test"]["loss"] != pytest.approx(model.evaluate(data["x_test"], data["y_test"], verbose=0)[0],
                                                     abs=1e-3)
+    # Validated on the test set, the train stage leaves test-time augmentation to evaluate.
+    assert "accuracy_tta" not in json.loads((paths.live_dir("deep") / "metrics.json").read_text())["eval"]
+
+
+def test_a_held_out_split_is_also_scored_with_test_time_augmentation(tmp_path, monkeypatch):
+    # Barely trained (a tiny rate), the network's predictions still vary with the image, and so between its views.
+    setup_project(tmp_path, monkeypatch, "cifar-10-binary", n_train=500, validation=0.5, tta="shifts",
+                  learning_rate=1e-6, activation="gelu")
+    prepare.main([])
+    train.main(["small"])
+    history = json.loads((paths.live_dir("small") / "metrics.json").read_text())
+    seed = yaml.safe_load(Path("params.yaml").read_text())["seed"]
+    _, (x_val, y_val) = train.split_validation(datasets.load_prepared(), 0.5, seed)
+    model = keras.models.load_model(paths.model_path("small"), compile=False)
+    assert history["eval"]["accuracy_tta"] == round(tta.accuracy(tta.predict(model, x_val, "shifts"), y_val), 4)
+    assert history["eval"]["accuracy_tta"] != round(history["eval"]["accuracy"], 4)  # not the single view's
 
 
 @pytest.mark.skipif("avx512f" not in (runtime.read_cpuinfo() or "").split(),

@@ -5,7 +5,7 @@
 Writes metrics/variants/<variant>/evaluate.json (train/test loss and accuracy, per-class test
 accuracy, top-5 accuracy when there are 100 classes, the train stage's times and what it ran on) and confusion.csv (one row per test image,
 for DVC's confusion-matrix plot). With the variant's `tta`, every prediction is the mean of the
-predictions for the image and its mirror image (and with `shifts`, of those shifted by a pixel).
+predictions for the image and its mirror image (and with `shifts`, of those shifted by a pixel; tta.py).
 """
 
 import csv
@@ -23,8 +23,7 @@ from resnet_cifar.datasets import SPLITS, load_prepared
 from resnet_cifar.progress import Boundaries
 from resnet_cifar.runtime import check_backend, quiet_graph_optimizer
 from resnet_cifar.stage import StageError, all_or_nothing, atomic_path, interrupts_at_boundaries, run
-
-BATCH_SIZE = 1024
+from resnet_cifar.tta import BATCH_SIZE, accuracy, predict
 
 
 def load_trained(path: Path) -> keras.Model:
@@ -52,25 +51,6 @@ def cross_entropy(labels: np.ndarray, probabilities: np.ndarray) -> float:
     return float(np.mean(-np.sum(labels * np.log(clipped), axis=1)))
 
 
-def predict(model: keras.Model, images: np.ndarray, tta: bool | str, callbacks: tuple = ()) -> np.ndarray:
-    """Class probabilities; with `tta` true, the mean of those of the image and its mirror image;
-    with "shifts", half that mean and half the same mean for the image shifted by one pixel
-    diagonally either way (mirror-padded): airbench's six views. `callbacks` see every batch."""
-    def view(images: np.ndarray) -> np.ndarray:
-        return model.predict(images, batch_size=BATCH_SIZE, verbose=0, callbacks=list(callbacks))
-
-    probabilities = view(images)
-    if not tta:
-        return probabilities
-    probabilities = (probabilities + view(images[:, :, ::-1])) / 2
-    if tta != "shifts":
-        return probabilities
-    padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
-    height, width = images.shape[1:3]
-    shifted = [padded[:, :height, :width], padded[:, 2:, 2:]]
-    return (probabilities + sum(predict(model, view, True, callbacks) for view in shifted) / 2) / 2
-
-
 def evaluate(model: keras.Model, data: dict, tta: bool = False,
              callbacks: tuple = ()) -> tuple[dict, np.ndarray, np.ndarray]:
     """The metrics, with the test set's true and predicted class ids; `callbacks` see every batch."""
@@ -82,9 +62,9 @@ def evaluate(model: keras.Model, data: dict, tta: bool = False,
     for split in SPLITS:
         labels = data[f"y_{split}"]
         loss = cross_entropy(labels, probabilities[split]) + penalty
-        accuracy = float(np.mean(np.argmax(probabilities[split], axis=1) == np.argmax(labels, axis=1)))
-        metrics[split] = {"loss": round(loss, 4), "accuracy": round(accuracy, 4)}
-        print(f"{split}: loss {loss:.4f}, accuracy {accuracy:.4f}")
+        correct = accuracy(probabilities[split], labels)
+        metrics[split] = {"loss": round(loss, 4), "accuracy": round(correct, 4)}
+        print(f"{split}: loss {loss:.4f}, accuracy {correct:.4f}")
     metrics["overfit_gap"] = round(metrics["train"]["accuracy"] - metrics["test"]["accuracy"], 4)
 
     true_ids = np.argmax(data["y_test"], axis=1)

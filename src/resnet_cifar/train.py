@@ -3,7 +3,10 @@
     python -m resnet_cifar.train <variant>
 
 Writes models/<variant>.keras, and under metrics/variants/<variant>/ the DVCLive history
-(train/), the wall times (train_time.json) and the model summary (summary.txt).
+(train/), the wall times (train_time.json) and the model summary (summary.txt). With a held-out
+`validation` fraction and `tta`, the history's summary adds eval/accuracy_tta: the final model's
+accuracy on that split with the test-time augmentation the evaluate stage applies to the test set,
+so that recipes are chosen on the numbers they will be judged by, without the test set.
 
 Every epoch ends with a checkpoint (checkpoint.py). A run that was killed resumes from it, and ends
 exactly as an uninterrupted run would: the batches of each epoch are shuffled and augmented by
@@ -26,6 +29,7 @@ import numpy as np
 from dvclive import Live
 from dvclive.utils import standardize_metric_name
 
+from resnet_cifar import tta
 from resnet_cifar.batches import TrainingBatches, split_validation
 from resnet_cifar.checkpoint import Checkpoint, TrainingState, fingerprint, load_checkpoint, save_model
 from resnet_cifar.datasets import load_prepared
@@ -188,6 +192,10 @@ def fit(model: keras.Model, state: TrainingState, spec: VariantSpec, batches: Tr
         model.fit(batches, steps_per_epoch=batches.steps_per_epoch, epochs=spec.epochs,
                   initial_epoch=len(state.history), shuffle=False, validation_data=validation_data, verbose=0,
                   callbacks=[*callbacks, Checkpoint(checkpoint, state)])
+        if live and spec.validation != "test" and spec.tta:
+            x_val, y_val = validation_data
+            probabilities = tta.predict(model, x_val, spec.tta, (Boundaries(spec.name, tta.BATCH_SIZE),))
+            live.log_metric("eval/accuracy_tta", round(tta.accuracy(probabilities, y_val), 4), plot=False)
 
 
 def write_results(model: keras.Model, state: TrainingState, spec: VariantSpec, summary_lines: list[str],
