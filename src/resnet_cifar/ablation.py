@@ -4,7 +4,8 @@
 
 Recipes are chosen on a validation split, never on the test set: every run, the unchanged variant
 included, trains with `validation` set to the held-out fraction of the training images (0.1 unless
---validation says otherwise), and the table compares accuracy on that split at the last epoch.
+--validation says otherwise), and the table compares accuracy on that split at the last epoch
+(with the variant's test-time augmentation, where it has one, as the evaluate stage scores it).
 For every ingredient that is on in the variant, runs the experiment with that ingredient off
 (`dvc exp run --temp train@<variant> -n ablation-<variant>-<ingredient> -S ...`), one after the
 other, in a temporary copy of the project, so the workspace stays as it is. --epochs shortens every
@@ -20,7 +21,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from resnet_cifar.params import PER_WIDTH_KEYS, VariantSpec, load_params, train_defaults, variant_spec
+from resnet_cifar.params import PER_WIDTH_KEYS, ParamsError, VariantSpec, load_params, train_defaults, variant_spec
 from resnet_cifar.paths import ABLATION_MD, live_dir
 from resnet_cifar.readme import write_section
 from resnet_cifar.stage import StageError, atomic_path, run
@@ -47,20 +48,30 @@ INGREDIENTS = {
     "expansion": {"expansion": None},
     "extra blocks": {"blocks": None},
     "GELU": {"activation": None},
-    "optimizer (vs the default's)": {"optimizer": None, "learning_rate": None, "weight_decay": None},
+    # The optimizer with its own keys, which the default's params check refuses.
+    "optimizer (vs the default's)": {"optimizer": None, "learning_rate": None, "weight_decay": None,
+                                     "norm_lr_factor": None, "muon_lr_factor": None, "momentum": None,
+                                     "lookahead": None, "whiten_bias_epochs": None},
+    "Muon for the filters": {"optimizer": "nesterov", "muon_lr_factor": None},  # Nesterov SGD for them too
+    "momentum": {"momentum": None},
+    "lookahead": {"lookahead": None},
+    "frozen whitening bias": {"whiten_bias_epochs": None},
+    "warm-up from a fraction of the rate": {"warmup_from": None},
     "weight decay": {"weight_decay": None},
-    "warm-up and decay": {"warmup_epochs": None, "schedule": None},
+    "warm-up and decay": {"warmup_epochs": None, "warmup_from": None, "schedule": None},
     "label smoothing": {"label_smoothing": None},
     "weight average (EMA)": {"ema": None},
     "dropout": {"dropout": None},
-    "patch whitening": {"stem": 24},  # a trained 3x3 convolution with as many filters
+    "patch whitening": {"stem": 24, "whiten_bias_epochs": None},  # a trained 3x3 convolution with as many filters
     "pool-first transitions": {"downsample": "pool"},  # conv, norm, activation, then pool
     "Dirac initialization": {"conv_init": None},
     "batch norm momentum": {"norm_momentum": None},
     "frozen norm scales": {"norm_scale": None},
     "norm learning-rate factor": {"norm_lr_factor": None},
     "logit scale": {"logit_scale": None},
-}  # test-time augmentation acts in `evaluate`, on the test set, so it is not ablated here
+    "plain blocks (no shortcuts)": {"shortcuts": None},
+    "global max pool": {"head_pool": None},
+}  # test-time augmentation is not taken away: it scores every run (the validation acc with TTA)
 
 
 def ingredients_on(spec: VariantSpec, defaults: dict) -> dict[str, dict]:
@@ -96,12 +107,23 @@ def yaml_value(value) -> str:
     return json.dumps(value)  # true/false, numbers and quoted strings are YAML too
 
 
-def run_experiment(name: str, variant: str, changes: dict) -> None:
-    """`dvc exp run` of the variant's train stage with `changes` (params.yaml path: value)."""
+def without(params: dict, variant: str, off: dict) -> tuple[dict, list[str]]:
+    """The variant's overrides with an ingredient taken away (`off`, ingredients_on's), and the
+    `dvc exp run -S` arguments that make them: a key back at its train default is removed from the
+    overrides (~), not set, as some checks refuse a key that a variant names at all (momentum)."""
+    defaults, overrides = train_defaults(params), params["variants"][variant] or {}
+    changed = {key: value for key, value in {**overrides, **off}.items() if key not in off or value != defaults[key]}
+    arguments = [f"~variants.{variant}.{key}" for key in off if key in overrides and key not in changed]
+    arguments += [f"++variants.{variant}.{key}={yaml_value(value)}" for key, value in off.items() if key in changed]
+    return changed, arguments  # ++: set, or add if absent
+
+
+def run_experiment(name: str, variant: str, arguments: list[str]) -> None:
+    """`dvc exp run` of the variant's train stage with these `-S` arguments."""
     subprocess.run(["dvc", "exp", "remove", name], capture_output=True)  # an earlier ablation's
     command = ["dvc", "exp", "run", "--temp", f"train@{variant}", "-n", name]
-    for key, value in changes.items():
-        command += ["-S", f"++{key}={yaml_value(value)}"]  # ++: set, or add if absent
+    for argument in arguments:
+        command += ["-S", argument]
     print("$ " + " ".join(command), flush=True)
     if subprocess.run(command).returncode != 0:
         raise StageError(f"experiment {name} failed (see the output above)")
@@ -125,20 +147,26 @@ def experiment_metrics(variant: str) -> dict[str, dict]:
 
 def ablation_table(variant: str, epochs: int, validation: float, reference: dict,
                    without: dict[str, dict]) -> list[str]:
-    def row(label: str, measured: dict, worth: str) -> str:
-        train, validation = measured["train"]["accuracy"], measured["eval"]["accuracy"]
-        return f"| {label} | {validation:.4f} | {train:.4f} | {train - validation:.4f} | {worth} |"
+    """With the variant's test-time augmentation (the train stage's eval/accuracy_tta), the table
+    ranks the ingredients by the accuracy with it, the one the evaluate stage reports."""
+    tta = "accuracy_tta" in reference["eval"]
+    score = (lambda measured: measured["eval"]["accuracy_tta"]) if tta else (lambda measured: measured["eval"]["accuracy"])
 
-    accuracy = reference["eval"]["accuracy"]
+    def row(label: str, measured: dict, worth: str) -> str:
+        train, single = measured["train"]["accuracy"], measured["eval"]["accuracy"]
+        with_tta = f" {score(measured):.4f} |" if tta else ""
+        return f"| {label} |{with_tta} {single:.4f} | {train:.4f} | {train - single:.4f} | {worth} |"
+
     rows = [f"Ablation of `{variant}` ({epochs} epoch{'s' if epochs != 1 else ''} per run; accuracy at the "
             f"last epoch on a validation split of {validation:g} of the training images, held out from "
-            "training; train accuracy is on the augmented training batches).",
+            "training" + (", with the variant's test-time augmentation and without" if tta else "") +
+            "; train accuracy is on the augmented training batches).",
             "",
-            "| run | validation acc | train acc | gap | ingredient is worth |",
-            "|---|---:|---:|---:|---:|",
+            "| run |" + (" validation acc, TTA |" if tta else "") + " validation acc | train acc | gap | ingredient is worth |",
+            "|---|" + ("---:|" if tta else "") + "---:|---:|---:|---:|",
             row(f"{variant}, every ingredient", reference, "")]
-    for ingredient, measured in sorted(without.items(), key=lambda item: item[1]["eval"]["accuracy"]):
-        worth = f"{(accuracy - measured['eval']['accuracy']) * 100:+.1f} points"
+    for ingredient, measured in sorted(without.items(), key=lambda item: score(item[1])):
+        worth = f"{(score(reference) - score(measured)) * 100:+.1f} points"
         rows.append(row(f"without {ingredient}", measured, worth))
     return rows
 
@@ -168,25 +196,33 @@ def main(argv: list[str]) -> None:
     if not 0 < args.validation < 1:
         raise StageError(f"--validation: expected a fraction in (0, 1) of the training images, got {args.validation}")
     params = load_params()
-    common = {f"variants.{args.variant}.validation": args.validation}
+    overrides = {**(params["variants"].get(args.variant) or {}), "validation": args.validation}
+    params["variants"] = {**params["variants"], args.variant: overrides}
+    common = [f"++variants.{args.variant}.validation={args.validation}"]
     if args.epochs:  # the cap shortens the run as a whole, its warm-up and decay too
         params["train"]["max_epochs"] = args.epochs
-        common["train.max_epochs"] = args.epochs
+        common.append(f"++train.max_epochs={args.epochs}")
     spec = variant_spec(params, args.variant)
     ingredients = chosen(ingredients_on(spec, train_defaults(params)), args.only)
     if not ingredients:
         raise StageError(f"variant {args.variant} uses none of: {', '.join(INGREDIENTS)}")
+    arguments = {"reference": common}
+    for ingredient, off in ingredients.items():  # every run's params checked before the first run
+        changed, arguments[ingredient] = without(params, args.variant, off)
+        try:
+            variant_spec({**params, "variants": {**params["variants"], args.variant: changed}}, args.variant)
+        except ParamsError as err:
+            raise StageError(f"without {ingredient}: {err}") from None
+        arguments[ingredient] = common + arguments[ingredient]
 
-    names = {ingredient: experiment_name(args.variant, ingredient) for ingredient in ["reference", *ingredients]}
-    run_experiment(names["reference"], args.variant, common)
-    for ingredient, off in ingredients.items():
-        changes = {f"variants.{args.variant}.{key}": value for key, value in off.items()}
-        run_experiment(names[ingredient], args.variant, common | changes)
+    names = {ingredient: experiment_name(args.variant, ingredient) for ingredient in arguments}
+    for ingredient in arguments:
+        run_experiment(names[ingredient], args.variant, arguments[ingredient])
 
     metrics = experiment_metrics(args.variant)
-    without = {ingredient: metrics[names[ingredient]] for ingredient in ingredients}
+    taken_away = {ingredient: metrics[names[ingredient]] for ingredient in ingredients}
     write_table(args.variant, ablation_table(args.variant, spec.epochs, args.validation, metrics[names["reference"]],
-                                             without))
+                                             taken_away))
 
 
 if __name__ == "__main__":
