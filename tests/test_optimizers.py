@@ -68,12 +68,12 @@ def dense_model() -> keras.Model:
 
 def test_nesterov_and_muon_take_the_momentum_key():
     params = project_params()
-    params["variants"]["conv"] |= {"momentum": 0.85}
+    params["variants"]["conv"] |= {"momentum": 0.8, "muon_lr_factor": 1.0}  # the factor: muon's alone
     for name in ("nesterov", "muon"):
         params["variants"]["conv"]["optimizer"] = name
         model = built([8], 10, input_shape=(8, 8, 3), arch="conv", blocks=1, stem=4, downsample="pool", norm="batch")
         made = optimizers.optimizer(variant_spec(params, "conv"), 10, model)
-        assert made.momentum == pytest.approx(0.85) and made.nesterov
+        assert made.momentum == pytest.approx(0.8) and made.nesterov
 
 
 def test_adamw_takes_a_weight_decay():

@@ -58,16 +58,20 @@ def test_a_conv_variant_builds_a_convolutional_residual_network():
     assert "Flatten" not in kinds
 
 
-def test_the_conv_variant_is_airbench_shaped_with_residual_blocks():
+def test_the_conv_variant_is_airbench94_shaped():
+    """Two convolutions a stage, no shortcut, a global max pool: airbench94's network."""
     params = load_params(PROJECT_PARAMS)
     images = np.random.default_rng(0).uniform(size=(64, 32, 32, 3)).astype(np.float32)
     model = build_model(Network.of(variant_spec(params, "conv")), 10, images, "conv")
     shapes = {name: model.get_layer(name).output.shape[1:] for name in
-              ("stem_whiten_act", "stage1_conv_act", "stage1_block1_out", "stage2_conv_act", "stage3_conv_act",
-               "stage3_block1_out", "probabilities")}
-    assert shapes == {"stem_whiten_act": (31, 31, 24), "stage1_conv_act": (15, 15, 64), "stage1_block1_out": (15, 15, 64),
-                      "stage2_conv_act": (7, 7, 256), "stage3_conv_act": (3, 3, 256), "stage3_block1_out": (3, 3, 256),
-                      "probabilities": (10,)}
+              ("stem_whiten_act", "stage1_conv_act", "stage1_block1_conv_act", "stage2_conv_act",
+               "stage2_block1_conv_act", "stage3_conv_act", "stage3_block1_conv_act", "pool", "probabilities")}
+    assert shapes == {"stem_whiten_act": (31, 31, 24), "stage1_conv_act": (15, 15, 64),
+                      "stage1_block1_conv_act": (15, 15, 64), "stage2_conv_act": (7, 7, 256),
+                      "stage2_block1_conv_act": (7, 7, 256), "stage3_conv_act": (3, 3, 256),
+                      "stage3_block1_conv_act": (3, 3, 256), "pool": (256,), "probabilities": (10,)}
+    assert isinstance(model.get_layer("pool"), keras.layers.GlobalMaxPooling2D)
+    assert not any(isinstance(layer, keras.layers.Add) for layer in model.layers)
 
 
 def test_a_single_l2_factor_applies_to_every_transition_dense(tmp_path):
@@ -117,7 +121,7 @@ BAD_VALUES = [
     ("train.norm_scale", "no", "train.norm_scale: expected true or false"),
     ("train.logit_scale", 0, "train.logit_scale: expected a number in (0, inf)"),
     ("train.norm_lr_factor", 64, "train.norm_lr_factor: expected 1 with optimizer adam (the factor is sgd's, nesterov's and muon's)"),
-    ("variants.conv.muon_lr_factor", 0.4, "variants.conv.muon_lr_factor: expected 1 with optimizer nesterov (the factor is muon's)"),
+    ("variants.tuned.muon_lr_factor", 0.4, "variants.tuned.muon_lr_factor: expected 1 with optimizer adamw (the factor is muon's)"),
     ("train.muon_lr_factor", 0, "train.muon_lr_factor: expected a number in (0, inf)"),
     ("variants.tuned.momentum", 0.85, "variants.tuned.momentum: expected no momentum with optimizer adamw (a key of nesterov, muon), got 0.85"),
     ("train.momentum", 1.0, "train.momentum: expected a number in [0, 1)"),
