@@ -264,7 +264,7 @@ def results_table(results: list[Result]) -> list[str]:
 
 def ran_on(record: dict) -> str:
     """Where a variant trained: backend and version, precision (and XLA), device."""
-    xla = " with XLA" if record.get("xla") else ""  # results trained before the key have no "xla": without
+    xla = " with XLA" if record["xla"] else ""
     return f"{record['backend']} {record[record['backend']]}, {record['precision']}{xla}, {record['device']}"
 
 
