@@ -15,11 +15,15 @@ from resnet_cifar.params import ParamsError, backend, data_params, load_params, 
 from resnet_cifar.stage import StageError
 
 
+def cifar_shaped(count: int) -> np.ndarray:
+    """Random images of CIFAR's shape, with a per-channel variance for standardization to divide by."""
+    return np.random.default_rng(0).uniform(size=(count, 32, 32, 3)).astype(np.float32)
+
+
 def project_model(name: str):
     """The network the train stage builds for variant `name` of the project's params.yaml."""
     spec = variant_spec(load_params(PROJECT_PARAMS), name)
-    images = np.random.default_rng(0).uniform(size=(1, 32, 32, 3)).astype(np.float32)  # a variance to standardize by
-    return spec, build_model(Network.of(spec), 10, images, name)
+    return spec, build_model(Network.of(spec), 10, cifar_shaped(1), name)
 
 
 @pytest.mark.parametrize("name, parameters", [("baseline", 985_482), ("deeper", 3_216_778),
@@ -52,7 +56,7 @@ def test_tuned_is_still_a_dense_residual_network():
 def test_a_conv_variant_builds_a_convolutional_residual_network():
     params = load_params(PROJECT_PARAMS)
     params["variants"]["conv"] = TINY_CONV
-    images = np.random.default_rng(0).uniform(size=(16, 32, 32, 3)).astype(np.float32)
+    images = cifar_shaped(16)
     model = build_model(Network.of(variant_spec(params, "conv")), 10, images, "conv")
     kinds = {type(layer).__name__ for layer in model.layers}
     assert {"Conv2D", "BatchNormalization", "Add", "GlobalAveragePooling2D"} <= kinds
@@ -62,7 +66,7 @@ def test_a_conv_variant_builds_a_convolutional_residual_network():
 def test_the_conv_variant_is_airbench94_shaped():
     """Two convolutions a stage, no shortcut, a global max pool: airbench94's network."""
     params = load_params(PROJECT_PARAMS)
-    images = np.random.default_rng(0).uniform(size=(64, 32, 32, 3)).astype(np.float32)
+    images = cifar_shaped(64)
     model = build_model(Network.of(variant_spec(params, "conv")), 10, images, "conv")
     shapes = {name: model.get_layer(name).output.shape[1:] for name in
               ("stem_whiten_act", "stage1_conv_act", "stage1_block1_conv_act", "stage2_conv_act",
